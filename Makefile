@@ -1,0 +1,36 @@
+# The two commands of the README:
+#   make repro   set everything up, then run the pipeline (dvc repro) on params.yaml
+#   make test    set everything up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+
+# The venv's tools first (dvc runs `python stages/...` and torchrun from PATH);
+# no telemetry; caches inside the project so CI and tests reuse them.
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup repro test clean-outputs
+
+setup: $(VENV)/.installed
+
+# torch/torchvision first and pinned (constraints.txt): they are served locally and any
+# other release would be a multi-GB download. Re-runs when the dependency list changes.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+repro: setup
+	dvc repro
+
+test: setup
+	python -m pytest
+
+clean-outputs:
+	rm -rf data/synthetic data/shards metrics reports dvc.lock

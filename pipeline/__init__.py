@@ -1,0 +1,1 @@
+"""PVEN vehicle re-identification pipeline library."""

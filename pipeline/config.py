@@ -1,0 +1,452 @@
+"""params.yaml -> one frozen, validated config object.
+
+Every consumer (DVC stages, torchrun workers, Ray Tune trials) builds its config
+through :func:`load_params`, so a value means the same thing everywhere.
+
+Validation is driven by the dataclass annotations below plus per-field bounds in
+``metadata``: unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError` naming the dotted key path, the bad value and what is allowed.
+Dotted overrides (``"shard.samples_per_shard=64"``) are applied to the raw YAML
+before validation, so they are checked exactly like the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override does not match the schema."""
+
+
+def _bounded(default: Any, *, ge: float | None = None, le: float | None = None,
+             gt: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field whose numeric value (or each element of a tuple) is range-checked."""
+    bounds = {k: v for k, v in dict(ge=ge, le=le, gt=gt, lt=lt).items() if v is not None}
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata={"bounds": bounds})
+    return field(default=default, metadata={"bounds": bounds})
+
+
+# --------------------------------------------------------------------------- schema
+
+DatasetName = Literal["synthetic", "veri776", "vehicleid", "veriwild"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset feeds the pipeline (read by the shard stage).
+
+    ``root`` is the dataset folder in its official layout; relative paths are
+    relative to the project root. For ``synthetic`` it must be ``synth.out_dir``.
+    ``test_subset`` picks the test list: VehicleID 800/1600/2400 (also 3200, 6000,
+    13164), VERI-Wild small/medium/large; ignored by VeRi-776 and synthetic.
+    """
+    source: DatasetName = "synthetic"
+    root: str = "data/synthetic"
+    test_subset: str | None = None
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Procedural vehicle dataset written in the VeRi-776 layout (synth stage).
+
+    Sizes are counts of identities/cameras/images; ``image_size`` is the square
+    render size in pixels; ``label_fraction`` is the share of *training* images
+    that get a parsing label PNG (every test image gets one, to score the parser).
+    """
+    out_dir: str = "data/synthetic"
+    train_ids: int = _bounded(60, ge=2)
+    test_ids: int = _bounded(30, ge=2)
+    cameras: int = _bounded(8, ge=2, le=999)
+    cameras_per_id: tuple[int, int] = _bounded((3, 5), ge=2)
+    images_per_camera: tuple[int, int] = _bounded((2, 3), ge=1)
+    image_size: int = _bounded(128, ge=32, le=1024)
+    label_fraction: float = _bounded(0.5, ge=0.0, le=1.0)
+    jpeg_quality: int = _bounded(92, ge=1, le=100)
+    workers: int = _bounded(2, ge=1)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """WebDataset sharding of every split (shard stage).
+
+    ``min_shards`` should be at least ``world_size x num_workers`` of the largest
+    job that will read the training split, so no reader is left without a shard.
+    ``resize`` stores images already resized to ``[height, width]`` (decode cost
+    falls with pixel count); ``keep_originals`` then also stores the original JPEG.
+    ``strict`` makes an undecodable image fatal instead of skipped and listed;
+    ``workers`` processes encode shards in parallel.
+    """
+    out_dir: str = "data/shards"
+    samples_per_shard: int = _bounded(1000, ge=1)
+    min_shards: int = _bounded(4, ge=1)
+    resize: tuple[int, int] | None = _bounded(None, ge=8)
+    keep_originals: bool = False
+    jpeg_quality: int = _bounded(95, ge=1, le=100)
+    strict: bool = False
+    workers: int = _bounded(2, ge=1)
+
+
+@dataclass(frozen=True)
+class ParserConfig:
+    """Vehicle part parser: smp ``Unet`` trained with balanced cross entropy (train_parser stage).
+
+    ``encoder`` is any segmentation-models-pytorch encoder name (paper: se_resnext50_32x4d);
+    ``encoder_weights`` is null (random init) or a path to a local encoder state dict:
+    nothing is downloaded. ``image_size`` (px, a multiple of 32) is the square training
+    and inference size. ``val_fraction`` of the annotated training images is held out
+    for validation, by vehicle identity (paper: 500 of 3,165). ``precision`` bf16
+    autocasts training forward passes. Augmentation: ``scale`` [min, max] zoom,
+    ``shift`` max translation (fraction of the side), ``jitter`` max relative
+    brightness/contrast/saturation change (image only), ``flip`` horizontal flip probability.
+    """
+    out_dir: str = "models/parser"
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None
+    image_size: int = _bounded(96, ge=32, le=1024)
+    epochs: int = _bounded(12, ge=1)
+    batch_size: int = _bounded(16, ge=1)
+    lr: float = _bounded(1e-3, gt=0.0)
+    weight_decay: float = _bounded(1e-4, ge=0.0)
+    val_fraction: float = _bounded(0.16, gt=0.0, lt=1.0)
+    num_workers: int = _bounded(1, ge=0)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    scale: tuple[float, float] = _bounded((0.85, 1.15), gt=0.0)
+    shift: float = _bounded(0.08, ge=0.0, lt=0.5)
+    jitter: float = _bounded(0.25, ge=0.0, lt=1.0)
+    flip: float = _bounded(0.5, ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class MasksConfig:
+    """Predicted view masks for every ReID image (masks stage).
+
+    ``mask_size`` stores label maps at ``[height, width]`` px; null keeps each image's
+    own resolution.
+    """
+    out_dir: str = "data/masked"
+    batch_size: int = _bounded(32, ge=1)
+    mask_size: tuple[int, int] | None = _bounded(None, ge=8)
+    num_workers: int = _bounded(1, ge=0)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``L = w_id L_id + w_gtri L_tri_g + w_ltri L_tri_l`` (method.md §4); what the sweep searches."""
+    w_id: float = _bounded(1.0, ge=0.0)
+    w_gtri: float = _bounded(1.0, ge=0.0)
+    w_ltri: float = _bounded(1.0, ge=0.0)
+    margin_g: float = _bounded(0.3, gt=0.0)
+    margin_l: float = _bounded(0.3, gt=0.0)
+    label_smoothing: float = _bounded(0.1, ge=0.0, lt=1.0)
+
+
+@dataclass(frozen=True)
+class ReidConfig:
+    """PVEN training (train_reid stage).
+
+    Batches are ``P`` identities x ``K`` images per rank; every rank runs exactly
+    ``batches_per_epoch`` steps an epoch. ``image_size`` is [height, width] in px.
+    ``variant`` 'paper' follows the paper's equations, 'official' the authors' code
+    (method.md §3). ``pretrained``: null, 'imagenet' (torchvision weights, needs
+    internet) or a path to a local backbone state dict. ``checkpoint_dir`` holds the
+    resumable checkpoints (not a DVC output, so a requeued or restarted run resumes;
+    checkpoints of other params are discarded). ``val_every`` epochs the query/gallery
+    mAP is measured in the loop (0: never). ``pk_buffer`` caps the samples the P x K
+    batcher holds per loader worker. ``precision``/``channels_last`` apply to the ddp
+    backend; DeepSpeed takes its precision from ``deepspeed_config``.
+    """
+    out_dir: str = "models/reid"
+    checkpoint_dir: str = "checkpoints/reid"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    pretrained: str | None = None
+    last_stride: int = _bounded(1, ge=1, le=2)
+    image_size: tuple[int, int] = _bounded((128, 128), ge=32)
+    variant: Literal["paper", "official"] = "paper"
+    mask_pool: Literal["max", "nearest"] = "max"
+    loss: LossConfig = LossConfig()
+    P: int = _bounded(8, ge=2)
+    K: int = _bounded(4, ge=2)
+    epochs: int = _bounded(12, ge=1)
+    batches_per_epoch: int = _bounded(30, ge=1)
+    lr: float = _bounded(3.5e-4, gt=0.0)
+    weight_decay: float = _bounded(5e-4, ge=0.0)
+    warmup_epochs: int = _bounded(1, ge=0)
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed_config: str = "cluster/deepspeed/zero1.json"
+    nproc_per_node: int = _bounded(1, ge=1)
+    sync_bn: bool = False
+    precision: Literal["fp32", "bf16"] = "bf16"
+    channels_last: bool = True
+    checkpoint_every: int = _bounded(50, ge=1)
+    val_every: int = _bounded(1, ge=0)
+    num_workers: int = _bounded(1, ge=0)
+    erase_prob: float = _bounded(0.5, ge=0.0, le=1.0)
+    pad: int = _bounded(10, ge=0)
+    shuffle_buffer: int = _bounded(512, ge=1)
+    pk_buffer: int = _bounded(2048, ge=4)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (evaluate stage): ``D = D_g + lam * D_l`` ranked block by block.
+
+    ``remove_junk`` drops gallery images with the query's id and camera (VeRi-776,
+    synthetic; VERI-Wild switchable). Re-ranking is k-reciprocal with k1, k2,
+    ``rerank_lambda``. ``grid_queries`` ranked lists are drawn (first and worst).
+    """
+    lam: float = _bounded(1.0, ge=0.0)
+    batch_size: int = _bounded(64, ge=1)
+    query_block: int = _bounded(1024, ge=1)
+    gallery_block: int = _bounded(8192, ge=1)
+    remove_junk: bool = True
+    rerank: bool = False
+    k1: int = _bounded(20, ge=1)
+    k2: int = _bounded(6, ge=1)
+    rerank_lambda: float = _bounded(0.3, ge=0.0, le=1.0)
+    vehicleid_repeats: int = _bounded(10, ge=1)
+    grid_queries: int = _bounded(8, ge=0)
+    num_workers: int = _bounded(1, ge=0)
+
+
+# Named bundles of overrides. A preset's keys win over params.yaml; explicit overrides
+# (`dvc exp run -S`, Tune trials) win over both.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's setting (method.md): needs a GPU and ImageNet weights (internet or a path).
+    "paper": {
+        "parser.encoder": "se_resnext50_32x4d",
+        "parser.image_size": 256,
+        "parser.batch_size": 8,
+        "reid.backbone": "resnet50",
+        "reid.pretrained": "imagenet",
+        "reid.image_size": [256, 256],
+        "reid.P": 16,
+        "reid.K": 4,
+        "reid.epochs": 120,
+        "reid.batches_per_epoch": 300,
+        "reid.num_workers": 8,
+        "reid.val_every": 10,  # in-loop query/gallery check on VeRi-776: ~13k images
+        "masks.num_workers": 8,
+        "eval.num_workers": 8,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml. ``seed`` is shared by every stage; ``preset`` names an
+    entry of :data:`PRESETS` applied on top of the file (null: none)."""
+    seed: int = _bounded(0, ge=0)
+    preset: str | None = None
+    data: DataConfig = DataConfig()
+    synth: SynthConfig = SynthConfig()
+    shard: ShardConfig = ShardConfig()
+    parser: ParserConfig = ParserConfig()
+    masks: MasksConfig = MasksConfig()
+    reid: ReidConfig = ReidConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as plain JSON-able data (for logging and hashing)."""
+        return _to_plain(getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def digest(self, *sections: str) -> str:
+        """Short sha256 of the given sections (all when none): the params hash tag."""
+        data = self.to_dict()
+        if sections:
+            data = {s: data[s] for s in sections}
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
+    """Read ``path`` (YAML), apply ``key.path=value`` overrides, validate, return Params."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return params_from_dict(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def params_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = ()) -> Params:
+    """Validate an in-memory mapping (e.g. params.yaml shipped to a Ray Tune trial).
+
+    Order: ``raw``, then the preset it names (after overrides, so an override may pick
+    the preset), then ``overrides`` again so they win over the preset.
+    """
+    preset = apply_overrides(dict(raw), overrides).get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: got {preset!r}, expected null or one of {', '.join(map(repr, PRESETS))}")
+        raw = apply_overrides(dict(raw), PRESETS[preset])
+    params = build(Params, apply_overrides(dict(raw), overrides), prefix="")
+    _check_cross_fields(params)
+    return params
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted overrides applied.
+
+    ``overrides`` is either ``["a.b=1", ...]`` (values parsed as YAML, so ``null``,
+    ``[1, 2]`` and ``0.5`` mean what they look like) or ``{"a.b": 1}``.
+    Overriding a key that does not exist is caught later by validation.
+    """
+    out = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+    items = overrides.items() if isinstance(overrides, Mapping) else map(_split_override, overrides)
+    for dotted, value in items:
+        node = out
+        *parents, leaf = dotted.split(".")
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(parents[:i + 1])} is not a section")
+            node = child
+        node[leaf] = value
+    return out
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE")
+    return key.strip(), yaml.safe_load(value)
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Recursively turn plain YAML data into the dataclass ``cls``, validating as it goes."""
+    where = prefix or "<top level>"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key "
+                          f"(allowed in {where}: {', '.join(sorted(fields))})")
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _coerce(hints[name], value, key)
+        bounds = fields[name].metadata.get("bounds")
+        if bounds and values[name] is not None:
+            _check_bounds(key, values[name], bounds)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        allowed = " or ".join(_describe(a) for a in args)
+        raise ConfigError(f"{key}: got {value!r}, expected {allowed}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(map(repr, args))}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: got {value!r}, expected a list of {len(args)} "
+                              f"{'/'.join(_describe(a) for a in args)}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # e.g. test_subset: 800
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported annotation {tp!r} for {key}")
+    raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_describe(tp)}")
+
+
+def _describe(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {len(typing.get_args(tp))} values"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    tests = {"ge": (lambda v, b: v >= b, ">="), "le": (lambda v, b: v <= b, "<="),
+             "gt": (lambda v, b: v > b, ">"), "lt": (lambda v, b: v < b, "<")}
+    for item in items:
+        for name, bound in bounds.items():
+            ok, sign = tests[name]
+            if not ok(item, bound):
+                rule = " and ".join(f"{tests[n][1]} {b}" for n, b in bounds.items())
+                raise ConfigError(f"{key}: got {value!r}, expected a value {rule}")
+
+
+def _check_cross_fields(p: Params) -> None:
+    """Rules that involve more than one key."""
+    for name in ("cameras_per_id", "images_per_camera"):
+        lo, hi = getattr(p.synth, name)
+        if lo > hi:
+            raise ConfigError(f"synth.{name}: got [{lo}, {hi}], expected [min, max] with min <= max")
+    if p.synth.cameras_per_id[1] > p.synth.cameras:
+        raise ConfigError(f"synth.cameras_per_id: max {p.synth.cameras_per_id[1]} exceeds "
+                          f"synth.cameras={p.synth.cameras}")
+    if p.parser.image_size % 32:
+        raise ConfigError(f"parser.image_size: got {p.parser.image_size}, expected a multiple of 32 (U-Net depth 5)")
+    if p.data.source == "synthetic" and Path(p.data.root) != Path(p.synth.out_dir):
+        raise ConfigError(f"data.root: got {p.data.root!r}; with data.source 'synthetic' it must be "
+                          f"synth.out_dir ({p.synth.out_dir!r})")
+    subsets = {"vehicleid": {"800", "1600", "2400", "3200", "6000", "13164"},
+               "veriwild": {"small", "medium", "large"}}
+    allowed = subsets.get(p.data.source)
+    if allowed is not None and p.data.test_subset not in allowed:
+        raise ConfigError(f"data.test_subset: got {p.data.test_subset!r}, expected one of "
+                          f"{', '.join(sorted(allowed))} for data.source {p.data.source!r}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj

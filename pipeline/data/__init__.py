@@ -1,0 +1,1 @@
+"""Data: dataset readers, the synthetic renderer, WebDataset shards."""

@@ -1,0 +1,44 @@
+"""The one record type every dataset reader produces and the shard stage consumes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Split = Literal["train", "query", "gallery", "test"]
+"""``test`` is a pool without a fixed query/gallery split (VehicleID: the
+evaluation protocol draws the gallery from it); VeRi-776, VERI-Wild and the
+synthetic set have explicit ``query`` and ``gallery`` splits."""
+
+SPLITS: tuple[str, ...] = ("train", "query", "gallery", "test")
+
+# Parsing labels (method.md §1). The renderer, the parser and the ReID masks share them.
+VIEW_NAMES: tuple[str, ...] = ("background", "front", "back", "side", "top")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset split.
+
+    key:        unique within the split, no dots (WebDataset splits keys at dots)
+    image:      path of the JPEG on disk
+    vid:        the dataset's vehicle id
+    camera:     camera id, or -1 where the dataset has none (VehicleID)
+    split:      one of SPLITS
+    label:      path of a parsing label PNG (uint8, values 0..4), if one exists
+    meta:       extra per-image facts to carry into the shard json (e.g. the
+                synthetic renderer's azimuth/elevation in degrees)
+    """
+    key: str
+    image: Path
+    vid: int
+    camera: int
+    split: str
+    label: Path | None = None
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if "." in self.key or "/" in self.key:
+            raise ValueError(f"record key {self.key!r} (image {self.image}) must not contain '.' or '/'")
+        if self.split not in SPLITS:
+            raise ValueError(f"record {self.key!r}: split {self.split!r} is not one of {SPLITS}")

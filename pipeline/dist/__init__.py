@@ -1,0 +1,1 @@
+"""Distributed execution: process groups from the torchrun/SLURM environment, backends, checkpoints."""

@@ -1,0 +1,63 @@
+"""Process-group set-up from the environment torchrun (or srun + torchrun) provides.
+
+A plain ``python stages/x.py`` is one process of world size 1 with no process group;
+under ``torchrun`` the variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT are set and :func:`init_distributed` joins the group: ``nccl`` when a CUDA
+device is present, else ``gloo``. The library never creates a group it was not asked
+to, and :func:`shutdown` only destroys a group that :func:`init_distributed` created,
+so a caller that owns its process group (a Ray Train worker) keeps it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # True when init_distributed created the process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Join (or reuse) the process group described by the environment; pick this rank's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    owns = False
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        owns = True
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+    return DistInfo(0, 1, local_rank, device, owns)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    """Destroy the group if we made it (gloo processes may abort at exit otherwise)."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
