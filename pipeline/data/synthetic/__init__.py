@@ -7,8 +7,10 @@ marks sit on specific faces (view-dependent cues), and each camera has its own
 viewpoint, lighting, colour cast, background, blur and noise (large intra-instance
 differences across cameras, small within one).
 
-Modules: :mod:`.vehicles` (identities), :mod:`.scene` (cameras and rasteriser),
-:mod:`.dataset` (planning, parallel writing), :mod:`.sheet` (overlays, contact sheet).
+Modules: :mod:`.geometry` (convex parts, faces, decals), :mod:`.vehicles` (body
+types, identities), :mod:`.marks` (identity marks), :mod:`.scene` (cameras and the
+rasteriser), :mod:`.dataset` (planning, parallel writing), :mod:`.sheet` (label
+colours, overlays, contact sheet).
 """
 from .dataset import image_name, plan, render_dataset, render_example
 from .sheet import LABEL_COLOURS, overlay_labels, write_contact_sheet

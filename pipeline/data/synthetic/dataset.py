@@ -27,15 +27,17 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.config import SynthConfig
-
 from .scene import camera_fields, camera_spec, image_view, render
 from .vehicles import build_vehicle
+
+if TYPE_CHECKING:  # workers need not import the config module (PyYAML) at start-up
+    from pipeline.config import SynthConfig
 
 TRAIN, TEST, QUERY = "image_train", "image_test", "image_query"
 VIEWS_HEADER = "folder,name,vid,camera,azimuth_deg,elevation_deg"
@@ -277,7 +279,6 @@ def render_example(seed: int, vid: int, camera: int, azimuth_deg: float | None =
     if elevation_deg is not None:
         changes["elevation"] = float(elevation_deg)
     if changes:
-        from dataclasses import replace
         view = replace(view, **changes)
     rgb, labels = render(model, spec, view, size, camera_fields(seed, camera, size))
     return np.asarray(rgb), np.asarray(labels)

@@ -117,7 +117,7 @@ def image_view(seed: int, vid: int, camera: int, index: int, spec: CameraSpec, s
     room = max(0.0, margin / 2 - 2.0 / size)   # the vehicle stays >= 2 px from the border
     pad = _pad(size)
     return View(
-        azimuth=(az + 180.0) % 360.0 - 180.0,
+        azimuth=180.0 - (180.0 - az) % 360.0,          # in (-180, 180]
         elevation=float(np.clip(base["elevation"] + rng.uniform(-1.5, 1.5), 3.0, 60.0)),
         distance=base["distance"] * float(rng.uniform(0.95, 1.05)),
         lane_offset=base["lane_offset"], lane_index=base["lane_index"],

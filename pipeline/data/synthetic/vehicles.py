@@ -19,15 +19,13 @@ rendering, :func:`build_vehicle` also stores one separating plane per pair of pa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-# Parsing labels, as in pipeline.data.records.VIEW_NAMES.
-FRONT, BACK, SIDE, TOP = 1, 2, 3, 4
-
-# Materials: how a surface reacts to light (see scene.shade).
-PAINT, GLASS, LAMP, MATTE = 0, 1, 2, 3
+from .geometry import (BACK, FRONT, GLASS, LAMP, MATTE, PAINT, SIDE, TOP, Builder, Decal, Face,
+                       Part, box, ellipse, frustum, rect)
+from .marks import add_marks
 
 BODY_TYPES: tuple[str, ...] = ("sedan", "hatchback", "suv", "van", "pickup", "bus", "truck")
 _BODY_WEIGHTS = (0.27, 0.16, 0.22, 0.10, 0.08, 0.07, 0.10)
@@ -41,11 +39,8 @@ PAINTS: dict[str, tuple[int, int, int]] = {
     "yellow": (226, 186, 34), "brown": (96, 62, 42),
 }
 _PAINT_WEIGHTS = (0.24, 0.17, 0.14, 0.13, 0.08, 0.08, 0.04, 0.04, 0.03, 0.03, 0.02)
-_MARK_COLOURS = ((240, 240, 236), (24, 24, 26), (200, 30, 30), (240, 200, 30),
-                 (235, 120, 20), (30, 150, 60), (30, 90, 200), (150, 152, 156))
 
 _GLASS = (48, 60, 72)
-_TINTED_GLASS = (15, 17, 20)
 _TYRE = (24, 24, 26)
 _RIMS = ((166, 169, 173), (56, 57, 59), (208, 208, 202))
 _HEADLAMP = (232, 232, 214)
@@ -80,106 +75,6 @@ _SPECS: dict[str, dict[str, float]] = {
 _CAR_TYPES = ("sedan", "hatchback", "suv", "van", "pickup")
 
 
-# --------------------------------------------------------------------------- building
-
-@dataclass
-class _Decal:
-    pts: np.ndarray          # (k, 3) polygon on its face's plane
-    material: int
-    colour: tuple[float, float, float]
-
-
-@dataclass
-class _Face:
-    pts: np.ndarray          # (k, 3) planar convex polygon
-    role: str
-    material: int
-    colour: tuple[float, float, float]
-    decals: list[_Decal] = field(default_factory=list)
-
-
-@dataclass
-class _Part:
-    name: str
-    faces: dict[str, _Face]  # role -> face
-
-
-def _frustum(bx0: float, bx1: float, by0: float, by1: float, z0: float,
-             tx0: float, tx1: float, ty0: float, ty1: float, z1: float) -> dict[str, np.ndarray]:
-    """Corners of a convex hexahedron with axis-aligned rectangles at z0 (bottom) and z1 (top).
-
-    Any such shape has planar faces (each side face has two parallel edges). Returns
-    role -> (4, 3) corners ordered (c00, c10, c11, c01) so that ``u`` runs along the
-    first edge and ``v`` up (top face: u along +x, v along +y; sides: u along +x;
-    front/back: u along +y). The bottom face is left out: cameras are always above
-    the ground, so it is never visible.
-    """
-    b = [(bx0, by0, z0), (bx1, by0, z0), (bx1, by1, z0), (bx0, by1, z0)]
-    t = [(tx0, ty0, z1), (tx1, ty0, z1), (tx1, ty1, z1), (tx0, ty1, z1)]
-    quad = lambda *p: np.array(p, dtype=np.float64)  # noqa: E731
-    return {"front": quad(b[1], b[2], t[2], t[1]), "back": quad(b[0], b[3], t[3], t[0]),
-            "left": quad(b[3], b[2], t[2], t[3]), "right": quad(b[0], b[1], t[1], t[0]),
-            "top": quad(t[0], t[1], t[2], t[3])}
-
-
-def _box(x0: float, x1: float, y0: float, y1: float, z0: float, z1: float,
-         inset: float = 0.0) -> dict[str, np.ndarray]:
-    """An axis-aligned box whose top is inset by ``inset`` on every side (rounded look)."""
-    return _frustum(x0, x1, y0, y1, z0, x0 + inset, x1 - inset, y0 + inset, y1 - inset, z1)
-
-
-def _uv(corners: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """Bilinear map of (k, 2) face coordinates in [0, 1]^2 onto a (4, 3) quad -> (k, 3)."""
-    u, v = uv[:, :1], uv[:, 1:]
-    c00, c10, c11, c01 = corners
-    return (1 - u) * (1 - v) * c00 + u * (1 - v) * c10 + u * v * c11 + (1 - u) * v * c01
-
-
-def _rect(u0: float, u1: float, v0: float, v1: float) -> np.ndarray:
-    return np.array([(u0, v0), (u1, v0), (u1, v1), (u0, v1)], dtype=np.float64)
-
-
-def _ellipse(cu: float, cv: float, ru: float, rv: float, n: int = 12) -> np.ndarray:
-    a = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    return np.stack([cu + ru * np.cos(a), cv + rv * np.sin(a)], axis=1)
-
-
-def _face_size(corners: np.ndarray) -> tuple[float, float]:
-    """Mean length of a quad face along u and along v (m)."""
-    c00, c10, c11, c01 = corners
-    return (float(np.linalg.norm(c10 - c00) + np.linalg.norm(c11 - c01)) / 2,
-            float(np.linalg.norm(c01 - c00) + np.linalg.norm(c11 - c10)) / 2)
-
-
-class _Builder:
-    """Collects parts; ``face(part, role)`` gives a face to put decals on."""
-
-    def __init__(self) -> None:
-        self.parts: list[_Part] = []
-
-    def part(self, name: str, corners: dict[str, np.ndarray], colour, material: int = PAINT,
-             roles: dict[str, str] | None = None, materials: dict[str, int] | None = None,
-             skip: tuple[str, ...] = ()) -> _Part:
-        roles = roles or {}
-        materials = materials or {}
-        faces = {}
-        for key, pts in corners.items():
-            if key in skip:
-                continue
-            role = roles.get(key, key)
-            faces[role] = _Face(pts, role, materials.get(key, material), tuple(map(float, colour)))
-        p = _Part(name, faces)
-        self.parts.append(p)
-        return p
-
-    def find(self, name: str) -> _Part | None:
-        return next((p for p in self.parts if p.name == name), None)
-
-    @staticmethod
-    def decal(face: _Face, uv: np.ndarray, colour, material: int = PAINT) -> None:
-        face.decals.append(_Decal(_uv(face.pts, uv), material, tuple(map(float, colour))))
-
-
 def _jitter(rng: np.random.Generator, spec: dict[str, float], scale: float = 0.05) -> dict[str, float]:
     """Per-identity size jitter: every dimension scaled by its own factor in 1 +- scale."""
     return {k: v * float(1 + rng.uniform(-scale, scale)) for k, v in spec.items()}
@@ -193,45 +88,40 @@ def _paint(rng: np.random.Generator) -> tuple[str, tuple[float, ...]]:
     return name, colour
 
 
-def _contrast(rng: np.random.Generator, paint: tuple[float, ...]) -> tuple[int, int, int]:
-    """A mark colour that stands out from the paint (distance > 120 in RGB)."""
-    options = [c for c in _MARK_COLOURS if np.linalg.norm(np.subtract(c, paint)) > 120]
-    return options[int(rng.integers(len(options)))]
-
 
 # --------------------------------------------------------------------------- body types
 
-def _front_fittings(b: _Builder, face: _Face, rng: np.random.Generator, heavy: bool) -> None:
+def _front_fittings(b: Builder, face: Face, rng: np.random.Generator, heavy: bool) -> None:
     """Headlamps, grille and plate on a front face (lamp style varies per identity)."""
     style = int(rng.integers(3))
     if style == 0:      # wide rectangles
-        lamps = [_rect(0.05, 0.27, 0.62, 0.88), _rect(0.73, 0.95, 0.62, 0.88)]
+        lamps = [rect(0.05, 0.27, 0.62, 0.88), rect(0.73, 0.95, 0.62, 0.88)]
     elif style == 1:    # thin slits
-        lamps = [_rect(0.03, 0.30, 0.76, 0.90), _rect(0.70, 0.97, 0.76, 0.90)]
+        lamps = [rect(0.03, 0.30, 0.76, 0.90), rect(0.70, 0.97, 0.76, 0.90)]
     else:               # round-ish
-        lamps = [_ellipse(0.15, 0.72, 0.09, 0.15, 8), _ellipse(0.85, 0.72, 0.09, 0.15, 8)]
+        lamps = [ellipse(0.15, 0.72, 0.09, 0.15, 8), ellipse(0.85, 0.72, 0.09, 0.15, 8)]
     for lamp in lamps:
         b.decal(face, lamp, _HEADLAMP, LAMP)
     gw = float(rng.uniform(0.14, 0.22))
-    b.decal(face, _rect(0.5 - gw, 0.5 + gw, 0.42, 0.80), _GRILLES[int(rng.integers(2))], MATTE)
-    b.decal(face, _rect(0.40, 0.60, 0.10, 0.30), _PLATE_HEAVY if heavy else _PLATE_CAR, MATTE)
+    b.decal(face, rect(0.5 - gw, 0.5 + gw, 0.42, 0.80), _GRILLES[int(rng.integers(2))], MATTE)
+    b.decal(face, rect(0.40, 0.60, 0.10, 0.30), _PLATE_HEAVY if heavy else _PLATE_CAR, MATTE)
 
 
-def _rear_fittings(b: _Builder, face: _Face, rng: np.random.Generator, heavy: bool,
+def _rear_fittings(b: Builder, face: Face, rng: np.random.Generator, heavy: bool,
                    v0: float = 0.58, v1: float = 0.86, plate_v: tuple[float, float] = (0.18, 0.40)) -> None:
     w = float(rng.uniform(0.14, 0.24))
-    b.decal(face, _rect(0.03, 0.03 + w, v0, v1), _TAILLAMP, LAMP)
-    b.decal(face, _rect(0.97 - w, 0.97, v0, v1), _TAILLAMP, LAMP)
-    b.decal(face, _rect(0.40, 0.60, *plate_v), _PLATE_HEAVY if heavy else _PLATE_CAR, MATTE)
+    b.decal(face, rect(0.03, 0.03 + w, v0, v1), _TAILLAMP, LAMP)
+    b.decal(face, rect(0.97 - w, 0.97, v0, v1), _TAILLAMP, LAMP)
+    b.decal(face, rect(0.40, 0.60, *plate_v), _PLATE_HEAVY if heavy else _PLATE_CAR, MATTE)
 
 
-def _windows(b: _Builder, face: _Face, spans: list[tuple[float, float]], v0: float, v1: float,
+def _windows(b: Builder, face: Face, spans: list[tuple[float, float]], v0: float, v1: float,
              glass) -> None:
     for u0, u1 in spans:
-        b.decal(face, _rect(u0, u1, v0, v1), glass, GLASS)
+        b.decal(face, rect(u0, u1, v0, v1), glass, GLASS)
 
 
-def _wheels(b: _Builder, xs: list[float], hw: float, r: float, block_top: list[float],
+def _wheels(b: Builder, xs: list[float], hw: float, r: float, block_top: list[float],
             tyre_w: float, rim) -> None:
     """A 12-gon tyre disc just outside each body side (+ hub), plus a tyre block under the body.
 
@@ -244,21 +134,21 @@ def _wheels(b: _Builder, xs: list[float], hw: float, r: float, block_top: list[f
         for side, sign in (("left", 1.0), ("right", -1.0)):
             y = sign * (hw + 0.01)
             disc = np.stack([x + r * np.cos(ring), np.full(12, y), r + r * np.sin(ring)], axis=1)
-            part = _Part(f"wheel{i}_{side}", {side: _Face(disc, side, MATTE, _TYRE)})
+            part = Part(f"wheel{i}_{side}", {side: Face(disc, side, MATTE, _TYRE)})
             hub = np.stack([x + 0.58 * r * np.cos(ring), np.full(12, y), r + 0.58 * r * np.sin(ring)], axis=1)
-            part.faces[side].decals.append(_Decal(hub, PAINT, tuple(map(float, rim))))
+            part.faces[side].decals.append(Decal(hub, PAINT, tuple(map(float, rim))))
             b.parts.append(part)
             y_in, y_out = sign * (hw - tyre_w), sign * (hw - 0.02)
-            b.part(f"tyre{i}_{side}", _box(x - 0.55 * r, x + 0.55 * r, min(y_in, y_out),
-                                           max(y_in, y_out), 0.0, top), _TYRE, MATTE)
+            b.part(f"tyre{i}_{side}", box(x - 0.55 * r, x + 0.55 * r, min(y_in, y_out),
+                                          max(y_in, y_out), 0.0, top), _TYRE, MATTE)
 
 
-def _car(b: _Builder, kind: str, p: dict[str, float], paint, glass, rng: np.random.Generator) -> dict:
+def _car(b: Builder, kind: str, p: dict[str, float], paint, glass, rng: np.random.Generator) -> dict:
     """Sedan, hatchback, SUV, van and pickup: a lower body, a cabin, wheels (pickup: a bed)."""
     L, W, H, clr, belt = p["L"], p["W"], p["H"], p["clr"], p["belt"]
     hw = W / 2
     xb, xf = -L / 2 + p["tail"], L / 2 - p["nose"]          # top edge of the lower body
-    body = b.part("body", _frustum(-L / 2, L / 2, -hw, hw, clr, xb, xf, -hw, hw, belt), paint,
+    body = b.part("body", frustum(-L / 2, L / 2, -hw, hw, clr, xb, xf, -hw, hw, belt), paint,
                   roles={"left": "body_left", "right": "body_right", "top": "deck"})
     x1 = xf - p["hood"]                                       # windshield base
     if kind == "pickup":
@@ -271,7 +161,7 @@ def _car(b: _Builder, kind: str, p: dict[str, float], paint, glass, rng: np.rand
         mid = (tx0 + tx1) / 2
         tx0, tx1 = mid - 0.2, mid + 0.2
     van = kind == "van"
-    cabin = b.part("cabin", _frustum(x0, x1, -cw, cw, belt, tx0, tx1, -tw, tw, H), paint,
+    cabin = b.part("cabin", frustum(x0, x1, -cw, cw, belt, tx0, tx1, -tw, tw, H), paint,
                    roles={"front": "windshield", "back": "rear_window", "left": "cabin_left",
                           "right": "cabin_right", "top": "roof"},
                    materials={"front": GLASS, "back": PAINT if van else GLASS})
@@ -301,10 +191,10 @@ def _car(b: _Builder, kind: str, p: dict[str, float], paint, glass, rng: np.rand
         walls = {"bed_left": (bx0, bx1, hw - t, hw), "bed_right": (bx0, bx1, -hw, -hw + t),
                  "tailgate": (bx0, bx0 + t, -hw + t, hw - t), "bulkhead": (bx1 - t, bx1, -hw + t, hw - t)}
         for name, (a0, a1, c0, c1) in walls.items():
-            b.part(name, _box(a0, a1, c0, c1, belt, top), paint)
+            b.part(name, box(a0, a1, c0, c1, belt, top), paint)
         deck = body.faces["deck"]
         u0, u1 = (bx0 - xb) / (xf - xb), (bx1 - xb) / (xf - xb)
-        b.decal(deck, _rect(u0, u1, 0.04, 0.96), (38, 38, 40), MATTE)
+        b.decal(deck, rect(u0, u1, 0.04, 0.96), (38, 38, 40), MATTE)
     xs = [L / 2 - p["front_axle"], -L / 2 + p["rear_axle"]]
     _wheels(b, xs, hw, p["r"], [clr, clr], 0.22, _RIMS[int(rng.integers(3))])
     roof = cabin.faces["roof"]
@@ -314,27 +204,27 @@ def _car(b: _Builder, kind: str, p: dict[str, float], paint, glass, rng: np.rand
                 glass_faces=[cabin.faces["windshield"], cabin.faces["rear_window"]])
 
 
-def _bus(b: _Builder, p: dict[str, float], paint, glass, rng: np.random.Generator) -> dict:
+def _bus(b: Builder, p: dict[str, float], paint, glass, rng: np.random.Generator) -> dict:
     L, W, H, clr, belt = p["L"], p["W"], p["H"], p["clr"], p["belt"]
     hw = W / 2
     xb, xf = -L / 2 + p["tail"], L / 2 - p["nose"]
-    body = b.part("body", _frustum(-L / 2, L / 2, -hw, hw, clr, xb, xf, -hw, hw, belt), paint,
+    body = b.part("body", frustum(-L / 2, L / 2, -hw, hw, clr, xb, xf, -hw, hw, belt), paint,
                   roles={"left": "body_left", "right": "body_right", "top": "deck"})
     cw, tw = hw - 0.02, hw - p["tumble"]
     tx0, tx1 = xb + p["rw"], xf - p["ws"]
-    cabin = b.part("cabin", _frustum(xb, xf, -cw, cw, belt, tx0, tx1, -tw, tw, H), paint,
+    cabin = b.part("cabin", frustum(xb, xf, -cw, cw, belt, tx0, tx1, -tw, tw, H), paint,
                    roles={"front": "windshield", "back": "rear_window", "left": "cabin_left",
                           "right": "cabin_right", "top": "roof"}, materials={"front": GLASS})
     cabin.faces["windshield"].colour = glass
-    b.decal(cabin.faces["rear_window"], _rect(0.12, 0.88, 0.45, 0.85), glass, GLASS)
+    b.decal(cabin.faces["rear_window"], rect(0.12, 0.88, 0.45, 0.85), glass, GLASS)
     n = int(rng.integers(6, 9))
     edges = np.linspace(0.03, 0.90, n + 1)
     spans = [(float(a) + 0.008, float(c) - 0.008) for a, c in zip(edges[:-1], edges[1:])]
     for side in ("cabin_left", "cabin_right"):
         _windows(b, cabin.faces[side], spans, 0.32, 0.86, glass)
     # passenger door on the kerb (right) side near the front, through both layers
-    b.decal(cabin.faces["cabin_right"], _rect(0.91, 0.97, 0.0, 0.86), glass, GLASS)
-    b.decal(body.faces["body_right"], _rect(0.91, 0.97, 0.0, 1.0), glass, GLASS)
+    b.decal(cabin.faces["cabin_right"], rect(0.91, 0.97, 0.0, 0.86), glass, GLASS)
+    b.decal(body.faces["body_right"], rect(0.91, 0.97, 0.0, 1.0), glass, GLASS)
     _front_fittings(b, body.faces["front"], rng, True)
     _rear_fittings(b, body.faces["back"], rng, True)
     _wheels(b, [L / 2 - p["front_axle"], -L / 2 + p["rear_axle"]], hw, p["r"], [clr, clr], 0.30,
@@ -344,15 +234,15 @@ def _bus(b: _Builder, p: dict[str, float], paint, glass, rng: np.random.Generato
                 front_x=L / 2, front_z=(clr, belt), hw=hw, glass_faces=[cabin.faces["windshield"]])
 
 
-def _truck(b: _Builder, p: dict[str, float], paint, glass, rng: np.random.Generator) -> dict:
+def _truck(b: Builder, p: dict[str, float], paint, glass, rng: np.random.Generator) -> dict:
     """A cab (lower body + cabin) in front of a taller cargo box on a narrow frame."""
     L, W, H, clr, belt = p["L"], p["W"], p["H"], p["clr"], p["belt"]
     hw = W / 2
     xc = L / 2 - p["cab"]                                     # back of the cab
-    body = b.part("body", _frustum(xc, L / 2, -hw, hw, clr, xc, L / 2 - p["nose"], -hw, hw, belt),
+    body = b.part("body", frustum(xc, L / 2, -hw, hw, clr, xc, L / 2 - p["nose"], -hw, hw, belt),
                   paint, roles={"left": "body_left", "right": "body_right", "top": "deck"})
     cw, tw = hw - 0.02, hw - p["tumble"]
-    cabin = b.part("cabin", _frustum(xc, L / 2 - p["nose"], -cw, cw, belt, xc, L / 2 - 0.38, -tw, tw, H),
+    cabin = b.part("cabin", frustum(xc, L / 2 - p["nose"], -cw, cw, belt, xc, L / 2 - 0.38, -tw, tw, H),
                    paint, roles={"front": "windshield", "back": "cab_back", "left": "cabin_left",
                                  "right": "cabin_right", "top": "roof"}, materials={"front": GLASS})
     cabin.faces["windshield"].colour = glass
@@ -360,13 +250,13 @@ def _truck(b: _Builder, p: dict[str, float], paint, glass, rng: np.random.Genera
         _windows(b, cabin.faces[side], [(0.50, 0.90)], 0.40, 0.88, glass)
     _, cargo_colour = _paint(rng)
     floor, top = p["floor"], p["box_h"]
-    cargo = b.part("cargo", _box(-L / 2, xc - 0.12, -hw, hw, floor, top), cargo_colour,
+    cargo = b.part("cargo", box(-L / 2, xc - 0.12, -hw, hw, floor, top), cargo_colour,
                    roles={"left": "cargo_left", "right": "cargo_right", "top": "cargo_top",
                           "back": "cargo_back", "front": "cargo_front"})
-    b.part("frame", _box(-L / 2 + 0.4, xc, -hw + 0.45, hw - 0.45, clr, floor), (40, 40, 42), MATTE)
+    b.part("frame", box(-L / 2 + 0.4, xc, -hw + 0.45, hw - 0.45, clr, floor), (40, 40, 42), MATTE)
     _front_fittings(b, body.faces["front"], rng, True)
     back = cargo.faces["cargo_back"]
-    b.decal(back, _rect(0.497, 0.503, 0.06, 0.98), (60, 60, 62), MATTE)   # door seam
+    b.decal(back, rect(0.497, 0.503, 0.06, 0.98), (60, 60, 62), MATTE)   # door seam
     _rear_fittings(b, back, rng, True, v0=0.02, v1=0.09, plate_v=(0.02, 0.10))
     rear = [-L / 2 + p["rear_axle"]]
     if rng.random() < 0.5:                                    # tandem rear axle
@@ -376,163 +266,6 @@ def _truck(b: _Builder, p: dict[str, float], paint, glass, rng: np.random.Genera
     return dict(roof=cabin.faces["roof"], roof_x=(xc + 0.1, L / 2 - 0.5), roof_hw=tw, roof_z=H, hood=None,
                 sides=[cargo.faces["cargo_left"], cargo.faces["cargo_right"]], back=back,
                 front_x=L / 2, front_z=(clr, belt), hw=hw, glass_faces=[cabin.faces["windshield"]])
-
-
-# --------------------------------------------------------------------------- identity marks
-
-def _mark_sticker(b, ctx, rng, paint):
-    face = ctx["glass_faces"][int(rng.integers(len(ctx["glass_faces"])))]
-    w, h = _face_size(face.pts)
-    su, sv = min(0.3, 0.28 / w), min(0.35, 0.22 / h)
-    u0 = 0.08 if rng.random() < 0.5 else 0.92 - su
-    v0 = 0.06 if rng.random() < 0.6 else 0.90 - sv
-    b.decal(face, _rect(u0, u0 + su, v0, v0 + sv), _MARK_COLOURS[int(rng.integers(len(_MARK_COLOURS)))])
-
-
-def _roof_thing(b, ctx, rng, name, length, width, height, x_centre, colour, material=PAINT):
-    hw = min(width / 2, ctx["roof_hw"] - 0.05)
-    z = ctx["roof_z"]
-    b.part(name, _box(x_centre - length / 2, x_centre + length / 2, -hw, hw, z, z + height,
-                      inset=min(0.04, height / 3)), colour, material)
-
-
-def _mark_roof_box(b, ctx, rng, paint):
-    rx0, rx1 = ctx["roof_x"]
-    rl = rx1 - rx0
-    length = float(rng.uniform(0.55, 0.8)) * rl
-    cx = (rx0 + rx1) / 2 + float(rng.uniform(-0.1, 0.1)) * rl
-    cx = float(np.clip(cx, rx0 + length / 2, rx1 - length / 2))
-    colours = ((24, 24, 26), (200, 202, 205), (235, 235, 232), (70, 72, 76))
-    _roof_thing(b, ctx, rng, "roof_box", length, 2 * ctx["roof_hw"] * float(rng.uniform(0.5, 0.75)),
-                float(rng.uniform(0.18, 0.34)), cx, colours[int(rng.integers(4))])
-
-
-def _mark_roof_rack(b, ctx, rng, paint):
-    rx0, rx1 = ctx["roof_x"]
-    z, hw = ctx["roof_z"], ctx["roof_hw"] - 0.08
-    colour = (30, 30, 32) if rng.random() < 0.6 else (170, 172, 176)
-    for name, y in (("rack_left", hw), ("rack_right", -hw)):
-        b.part(name, _box(rx0 + 0.05, rx1 - 0.05, y - 0.03, y + 0.03, z, z + 0.07), colour, MATTE)
-
-
-def _mark_light_bar(b, ctx, rng, paint):
-    rx0, rx1 = ctx["roof_x"]
-    colours = ((240, 200, 30), (240, 240, 236), (210, 40, 40))
-    _roof_thing(b, ctx, rng, "light_bar", 0.28, 0.7, 0.16, rx1 - 0.35, colours[int(rng.integers(3))], LAMP)
-
-
-def _mark_side_stripe(b, ctx, rng, paint):
-    colour = _contrast(rng, paint)
-    v0 = float(rng.uniform(0.25, 0.6))
-    h = float(rng.uniform(0.08, 0.18))
-    sides = ctx["sides"] if rng.random() < 0.6 else [ctx["sides"][int(rng.integers(2))]]
-    for face in sides:
-        b.decal(face, _rect(0.02, 0.98, v0, v0 + h), colour)
-
-
-def _mark_top_stripe(b, ctx, rng, paint):
-    colour = _contrast(rng, paint)
-    for face in (ctx["hood"], ctx["roof"]):
-        for lo, hi in ((0.36, 0.45), (0.55, 0.64)):
-            b.decal(face, _rect(0.0, 1.0, lo, hi), colour)
-
-
-def _mark_spare_wheel(b, ctx, rng, paint):
-    face = ctx["back"]
-    w, h = _face_size(face.pts)
-    r = min(0.34, 0.42 * h)
-    cover = (_TYRE, (170, 172, 176), paint)[int(rng.integers(3))]
-    b.decal(face, _ellipse(0.5, 0.56, r / w, r / h), _TYRE, MATTE)
-    b.decal(face, _ellipse(0.5, 0.56, 0.62 * r / w, 0.62 * r / h), cover)
-
-
-def _mark_bull_bar(b, ctx, rng, paint):
-    x, (z0, z1), hw = ctx["front_x"], ctx["front_z"], ctx["hw"]
-    colour = (26, 26, 28) if rng.random() < 0.6 else (175, 178, 182)
-    b.part("bull_bar", _box(x + 0.03, x + 0.13, -hw + 0.22, hw - 0.22, z0 + 0.02,
-                            z0 + 0.6 * (z1 - z0)), colour)
-
-
-def _mark_tint(b, ctx, rng, paint):
-    for part in b.parts:
-        for face in part.faces.values():
-            if face.material == GLASS:
-                face.colour = _TINTED_GLASS
-            for d in face.decals:
-                if d.material == GLASS:
-                    d.colour = _TINTED_GLASS
-
-
-def _mark_roof_colour(b, ctx, rng, paint):
-    ctx["roof"].colour = (28, 29, 31) if np.mean(paint) > 110 else (232, 233, 230)
-
-
-def _mark_side_logo(b, ctx, rng, paint):
-    face = ctx["sides"][int(rng.integers(2))]
-    w, h = _face_size(face.pts)
-    size = float(rng.uniform(0.45, 0.8)) * min(h, 0.25 * w)
-    cu, cv = float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.4, 0.6))
-    ru, rv = size / 2 / w, size / 2 / h
-    shape = int(rng.integers(3))
-    if shape == 0:
-        poly = _ellipse(cu, cv, ru, rv, 12)
-    elif shape == 1:
-        poly = np.array([(cu - ru, cv), (cu, cv - rv), (cu + ru, cv), (cu, cv + rv)])
-    else:
-        poly = _rect(cu - 1.6 * ru, cu + 1.6 * ru, cv - 0.6 * rv, cv + 0.6 * rv)
-    b.decal(face, poly, _contrast(rng, paint))
-
-
-def _mark_rear_decal(b, ctx, rng, paint):
-    face = ctx["back"]
-    colour = _contrast(rng, paint)
-    u0 = float(rng.uniform(0.55, 0.7))
-    if rng.random() < 0.5:
-        b.decal(face, _rect(u0, u0 + 0.22, 0.45, 0.56), colour)
-    else:   # "text": three short lines
-        for k in range(3):
-            b.decal(face, _rect(u0, u0 + 0.2 - 0.05 * k, 0.44 + 0.05 * k, 0.47 + 0.05 * k), colour)
-
-
-def _mark_hood_patch(b, ctx, rng, paint):
-    u0, u1 = ctx["hood_u"]
-    colour = (22, 22, 24) if np.mean(paint) > 90 else _contrast(rng, paint)
-    b.decal(ctx["hood"], _rect(u0 + 0.15 * (u1 - u0), u1 - 0.03, 0.3, 0.7), colour, MATTE)
-
-
-def _mark_door_panel(b, ctx, rng, paint):
-    face = ctx["sides"][int(rng.integers(2))]
-    colour = (150, 150, 144) if np.linalg.norm(np.subtract(paint, (150, 150, 144))) > 60 else (60, 62, 66)
-    u0 = float(rng.uniform(0.3, 0.45))
-    b.decal(face, _rect(u0, u0 + 0.2, 0.04, 0.96), colour)
-
-
-def _mark_bed_cover(b, ctx, rng, paint):
-    bed = [b.find(n) for n in ("bed_left", "bed_right", "tailgate", "bulkhead")]
-    x0 = min(p.faces["top"].pts[:, 0].min() for p in bed)
-    x1 = max(p.faces["top"].pts[:, 0].max() for p in bed)
-    z = float(bed[0].faces["top"].pts[0, 2])
-    b.part("bed_cover", _box(x0, x1, -ctx["hw"], ctx["hw"], z, z + 0.04), (30, 30, 32), MATTE)
-
-
-_MARKS = {
-    "sticker": _mark_sticker, "roof_box": _mark_roof_box, "roof_rack": _mark_roof_rack,
-    "light_bar": _mark_light_bar, "side_stripe": _mark_side_stripe, "top_stripe": _mark_top_stripe,
-    "spare_wheel": _mark_spare_wheel, "bull_bar": _mark_bull_bar, "tint": _mark_tint,
-    "roof_colour": _mark_roof_colour, "side_logo": _mark_side_logo, "rear_decal": _mark_rear_decal,
-    "hood_patch": _mark_hood_patch, "door_panel": _mark_door_panel, "bed_cover": _mark_bed_cover,
-}
-_CAR_MARKS = ("sticker", "roof_box", "roof_rack", "light_bar", "side_stripe", "top_stripe",
-              "spare_wheel", "bull_bar", "tint", "roof_colour", "side_logo", "rear_decal",
-              "hood_patch", "door_panel")
-_MARKS_BY_TYPE = {
-    **{k: _CAR_MARKS for k in ("sedan", "hatchback", "suv")},
-    "van": tuple(m for m in _CAR_MARKS if m not in ("hood_patch", "top_stripe")),
-    "pickup": tuple(m for m in _CAR_MARKS if m != "spare_wheel") + ("bed_cover",),
-    "bus": ("sticker", "roof_box", "side_stripe", "side_logo", "rear_decal", "tint", "roof_colour"),
-    "truck": ("sticker", "roof_box", "side_stripe", "side_logo", "rear_decal", "tint", "roof_colour",
-              "bull_bar"),
-}
 
 
 # --------------------------------------------------------------------------- compiled model
@@ -621,7 +354,7 @@ def _separating_planes(part_verts: list[np.ndarray], normals: np.ndarray):
     return np.where(i_low, i, j), np.where(i_low, j, i), normals[k], offset
 
 
-def _compile(parts: list[_Part], body: str, paint: str, marks: tuple[str, ...],
+def _compile(parts: list[Part], body: str, paint: str, marks: tuple[str, ...],
              size: tuple[float, float, float]) -> VehicleModel:
     verts, spans, normal, point, material, colour, label = [], [], [], [], [], [], []
     compiled, part_verts, part_rows = [], [], []
@@ -677,7 +410,7 @@ def build_vehicle(rng: np.random.Generator, body: str | None = None) -> VehicleM
         raise ValueError(f"body type {body!r}: expected one of {', '.join(BODY_TYPES)}")
     spec = _jitter(rng, _SPECS[body])
     paint_name, paint = _paint(rng)
-    b = _Builder()
+    b = Builder()
     glass = _GLASS
     if body in _CAR_TYPES:
         ctx = _car(b, body, spec, paint, glass, rng)
@@ -685,10 +418,6 @@ def build_vehicle(rng: np.random.Generator, body: str | None = None) -> VehicleM
         ctx = _bus(b, spec, paint, glass, rng)
     else:
         ctx = _truck(b, spec, paint, glass, rng)
-    options = _MARKS_BY_TYPE[body]
-    n_marks = int(rng.integers(1, 4))
-    marks = tuple(options[i] for i in sorted(rng.choice(len(options), n_marks, replace=False)))
-    for mark in marks:
-        _MARKS[mark](b, ctx, rng, paint)
+    marks = add_marks(b, ctx, rng, paint, body)
     height = max(float(p.faces[r].pts[:, 2].max()) for p in b.parts for r in p.faces)
     return _compile(b.parts, body, paint_name, marks, (spec["L"], spec["W"], height))

@@ -1,0 +1,321 @@
+"""The synthetic renderer: determinism, the VeRi-776 layout, exact labels, helpers."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import SynthConfig
+from pipeline.data.synthetic import (BODY_TYPES, LABEL_COLOURS, build_vehicle, overlay_labels,
+                                     render_dataset, render_example, write_contact_sheet)
+from pipeline.data.synthetic.scene import camera_spec, frame, image_view
+
+TINY = SynthConfig(train_ids=4, test_ids=3, cameras=4, cameras_per_id=(2, 3),
+                   images_per_camera=(1, 2), image_size=64, label_fraction=0.5, workers=1)
+NAME = re.compile(r"^(\d{4})_c(\d{3})_(\d{8})_0\.jpg$")
+FOLDERS = ("image_train", "image_query", "image_test")
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _names(root: Path, split: str) -> list[str]:
+    return (root / f"name_{split}.txt").read_text().splitlines()
+
+
+def _parse(name: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)_c(\d\d\d)", name)
+    assert m, name
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "data"
+    summary = render_dataset(TINY, root, seed=7)
+    return root, summary
+
+
+# --------------------------------------------------------------------------- determinism
+
+def test_same_seed_same_bytes_for_one_or_two_workers(dataset, tmp_path):
+    root, _ = dataset
+    two = render_dataset(dataclasses.replace(TINY, workers=2), tmp_path / "two", seed=7)
+    assert two["workers"] == 2
+    assert _files(root) == _files(tmp_path / "two")
+
+
+def test_different_seed_gives_different_data(dataset, tmp_path):
+    root, _ = dataset
+    render_dataset(TINY, tmp_path / "other", seed=8)
+    a, b = _files(root), _files(tmp_path / "other")
+    jpg_a = {v for k, v in a.items() if k.endswith(".jpg")}
+    jpg_b = {v for k, v in b.items() if k.endswith(".jpg")}
+    assert not jpg_a & jpg_b
+
+
+# --------------------------------------------------------------------------- layout
+
+def test_veri776_layout(dataset):
+    root, summary = dataset
+    lists = {split: _names(root, split) for split in ("train", "query", "test")}
+    for split, folder in (("train", "image_train"), ("query", "image_query"), ("test", "image_test")):
+        names = lists[split]
+        assert names == sorted(names) and len(set(names)) == len(names)
+        on_disk = {p.name for p in (root / folder).glob("*.jpg")}
+        assert on_disk == set(names)
+        for name in names:
+            m = NAME.match(name)
+            assert m, name
+            assert int(m.group(2)) >= 1
+        assert summary["splits"][split]["images"] == len(names)
+    train_ids = {_parse(n)[0] for n in lists["train"]}
+    test_ids = {_parse(n)[0] for n in lists["test"]}
+    assert train_ids == set(range(1, TINY.train_ids + 1))
+    assert test_ids == set(range(TINY.train_ids + 1, TINY.train_ids + TINY.test_ids + 1))
+    # queries: also in the gallery, byte for byte, one per (test id, camera)
+    assert set(lists["query"]) <= set(lists["test"])
+    for name in lists["query"]:
+        assert (root / "image_query" / name).read_bytes() == (root / "image_test" / name).read_bytes()
+    pairs = [_parse(n) for n in lists["query"]]
+    assert len(pairs) == len(set(pairs))
+    assert set(pairs) == {_parse(n) for n in lists["test"]}
+    # every identity passes >= 2 cameras, so every query has a true match
+    for vid in test_ids:
+        assert len({c for v, c in map(_parse, lists["test"]) if v == vid}) >= 2
+
+
+def test_gt_and_junk_index_match_names(dataset):
+    root, _ = dataset
+    query, test = _names(root, "query"), _names(root, "test")
+    gt = (root / "gt_index.txt").read_text().splitlines()
+    jk = (root / "jk_index.txt").read_text().splitlines()
+    assert len(gt) == len(jk) == len(query)
+    for q, g, j in zip(query, gt, jk):
+        vid, cam = _parse(q)
+        want_g = [i + 1 for i, n in enumerate(test) if _parse(n)[0] == vid and _parse(n)[1] != cam]
+        want_j = [i + 1 for i, n in enumerate(test) if _parse(n) == (vid, cam)]
+        assert [int(x) for x in g.split()] == want_g and want_g
+        assert [int(x) for x in j.split()] == want_j
+        assert test.index(q) + 1 in want_j      # the query itself is junk, as in VeRi
+
+
+def test_views_csv_has_one_row_per_written_image(dataset):
+    root, _ = dataset
+    with (root / "views.csv").open(newline="") as handle:
+        reader = csv.reader(handle)
+        assert next(reader) == ["folder", "name", "vid", "camera", "azimuth_deg", "elevation_deg"]
+        rows = list(reader)
+    written = {(f, p.name) for f in FOLDERS for p in (root / f).glob("*.jpg")}
+    assert {(r[0], r[1]) for r in rows} == written and len(rows) == len(written)
+    for _folder, name, vid, cam, az, el in rows:
+        assert (int(vid), int(cam)) == _parse(name)
+        assert -180.0 <= float(az) <= 180.0 and 0.0 < float(el) < 90.0
+
+
+def test_rerender_replaces_the_folder_and_leaves_no_temp(tmp_path):
+    import subprocess
+    import sys
+
+    small = dataclasses.replace(TINY, train_ids=2, test_ids=2)
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older dataset")
+    # the temp folder of a killed run (its process is gone) is cleaned up
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / f".data.tmp-{dead}" / "image_train").mkdir(parents=True)
+    render_dataset(small, out, seed=1)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_bad_config_is_rejected_with_the_key(tmp_path):
+    bad = dataclasses.replace(TINY, cameras_per_id=(2, 9))
+    with pytest.raises(ValueError, match="cameras_per_id"):
+        render_dataset(bad, tmp_path / "x", seed=0)
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- labels
+
+def _enclosed_background(labels: np.ndarray) -> int:
+    """Background pixels not connected (4-neighbour) to the border through background."""
+    free = labels == 0
+    reach = np.zeros_like(free)
+    reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = free[0, :], free[-1, :], free[:, 0], free[:, -1]
+    while True:
+        grown = reach.copy()
+        grown[1:] |= reach[:-1]
+        grown[:-1] |= reach[1:]
+        grown[:, 1:] |= reach[:, :-1]
+        grown[:, :-1] |= reach[:, 1:]
+        grown &= free
+        if (grown == reach).all():
+            return int((free & ~reach).sum())
+        reach = grown
+
+
+def test_label_maps_are_exact_and_complete(dataset):
+    root, summary = dataset
+    seen = set()
+    n_train_labels = 0
+    for folder in FOLDERS:
+        for image_path in sorted((root / folder).glob("*.jpg")):
+            label_path = image_path.with_suffix(".png")
+            if folder == "image_train":
+                if not label_path.exists():
+                    continue
+                n_train_labels += 1
+            assert label_path.exists(), f"{label_path} missing (every test/query image has one)"
+            label_img = Image.open(label_path)
+            assert label_img.mode == "L"
+            assert label_img.size == Image.open(image_path).size == (TINY.image_size,) * 2
+            labels = np.asarray(label_img)
+            assert labels.max() <= 4
+            border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+            assert (border == 0).all(), f"{label_path}: vehicle touches the border"
+            assert (labels > 0).mean() > 0.2, f"{label_path}: vehicle too small"
+            assert _enclosed_background(labels) == 0, f"{label_path}: holes in the vehicle"
+            seen |= set(np.unique(labels).tolist())
+    n_train = len(_names(root, "train"))
+    assert n_train_labels == round(TINY.label_fraction * n_train) == summary["splits"]["train"]["labels"]
+    assert seen == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("body", ["sedan", "suv", "bus"])
+def test_view_decides_which_parts_are_visible(body):
+    def counts(az, el):
+        _, labels = render_example(3, 5, 2, azimuth_deg=az, elevation_deg=el, size=64, body=body)
+        return np.bincount(labels.ravel(), minlength=5)
+
+    front = counts(5, 15)
+    assert front[1] > 0 and front[2] == 0
+    back = counts(178, 15)
+    assert back[2] > 0 and back[1] == 0
+    side = counts(90, 10)
+    assert side[3] > side[1] + side[2] and side[3] > side[4]
+    top = counts(40, 55)
+    assert top[4] > 0 and top[1] > 0 and top[3] > 0
+
+
+def _raycast(model, view, size: int) -> np.ndarray:
+    """Reference labels: per pixel, the first convex part face hit by the ray (no painter's order)."""
+    eye, cam, scale, offset, _ = frame(model, view, size)
+    rows, cols = np.mgrid[0:size, 0:size]
+    pix = np.stack([cols.ravel(), rows.ravel()], axis=1).astype(float)   # PIL: (x, y) = centre
+    d = np.column_stack([(pix - offset) / scale, np.ones(len(pix))]) @ cam.rot   # world directions
+    best = np.full(len(pix), np.inf)
+    out = np.zeros(len(pix), dtype=np.uint8)
+    for p, faces in enumerate(model.parts):
+        sids = [sid for sid, _ in faces]
+        normals, points = model.normal[sids], model.point[sids]
+        a, b = model.part_rows[p]
+        if len(sids) == 1:                          # a flat disc: plane hit inside the polygon
+            n = normals[0]
+            t = ((points[0] - eye) @ n) / (d @ n)
+            hit = eye + t[:, None] * d
+            s0, s1 = model.spans[sids[0]]
+            poly = model.verts[s0:s1]
+            centre = poly.mean(0)
+            inside = t > 0
+            for v, w in zip(poly, np.roll(poly, -1, axis=0)):
+                inward = np.cross(n, w - v)
+                inward *= np.sign(inward @ (centre - v))
+                inside &= (hit - v) @ inward >= 0
+            t_hit, lab = np.where(inside, t, np.inf), np.full(len(pix), model.label[sids[0]])
+        else:                                       # convex solid: faces plus its flat bottom
+            zmin = model.verts[a:b, 2].min()
+            normals = np.vstack([normals, [0, 0, -1.0]])
+            h = np.append(np.einsum("ij,ij->i", normals[:-1], points), -zmin)
+            nd, ne = d @ normals.T, normals @ eye                   # (N, F), (F,)
+            t = (h - ne) / np.where(nd == 0, 1e-12, nd)
+            t_in = np.where(nd < 0, t, -np.inf)
+            t_out = np.where(nd > 0, t, np.inf)
+            near, far = t_in.max(1), t_out.min(1)
+            ok = (near <= far) & (near > 0) & ~((nd == 0) & (ne > h)).any(1)
+            face = t_in.argmax(1)
+            labels = np.append(model.label[sids], 0)
+            t_hit, lab = np.where(ok, near, np.inf), labels[face]
+        closer = t_hit < best
+        best[closer], out[closer] = t_hit[closer], lab[closer]
+    return out.reshape(size, size)
+
+
+def _edges(labels: np.ndarray) -> np.ndarray:
+    """Pixels with a differently labelled 8-neighbour."""
+    pad = np.pad(labels, 1, mode="edge")
+    h, w = labels.shape
+    out = np.zeros(labels.shape, dtype=bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            out |= pad[dy:dy + h, dx:dx + w] != labels
+    return out
+
+
+@pytest.mark.parametrize("body", BODY_TYPES)
+def test_painter_order_matches_a_ray_cast(body):
+    """The rendered label map agrees with a per-pixel ray cast of the same 3D parts.
+
+    Only pixels next to a boundary may differ (PIL fills pixels whose centre lies on
+    a polygon's edge), so a wrong occlusion order, a missing face or a wrong label
+    shows as disagreement away from the boundaries.
+    """
+    from pipeline.data.synthetic.scene import camera_fields, render
+
+    size, seed = 96, 11
+    for k, (az, el) in enumerate([(0, 20), (35, 12), (90, 30), (140, 8), (180, 25), (-60, 45)]):
+        model = build_vehicle(np.random.default_rng([seed, k, BODY_TYPES.index(body)]), body)
+        spec = camera_spec(seed, 1)
+        view = image_view(seed, 1, 1, k, spec, size)
+        view = dataclasses.replace(view, azimuth=float(az), elevation=float(el))
+        _, labels = render(model, spec, view, size, camera_fields(seed, 1, size))
+        labels = np.asarray(labels)
+        ref = _raycast(model, view, size)
+        vehicle = (labels > 0) | (ref > 0)
+        wrong = (labels != ref) & vehicle & ~_edges(ref)
+        assert wrong.sum() <= 0.01 * vehicle.sum(), (body, az, el, wrong.sum(), vehicle.sum())
+
+
+# --------------------------------------------------------------------------- helpers
+
+def test_overlay_labels_blends_only_vehicle_pixels():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    labels = np.zeros((8, 10), dtype=np.uint8)
+    labels[2:5, 3:7] = np.arange(1, 5)
+    full = overlay_labels(rgb, labels, alpha=1.0)
+    assert (full[labels == 0] == rgb[labels == 0]).all()
+    assert (full[labels > 0] == LABEL_COLOURS[labels[labels > 0]]).all()
+    half = overlay_labels(rgb, labels, alpha=0.5)
+    expect = np.rint((rgb[3, 4].astype(float) + LABEL_COLOURS[labels[3, 4]]) / 2)
+    assert np.abs(half[3, 4].astype(float) - expect).max() <= 1
+    assert (overlay_labels(rgb, labels, alpha=0.0) == rgb).all()
+    assert LABEL_COLOURS.shape == (5, 3) and LABEL_COLOURS.dtype == np.uint8
+    assert len({tuple(c) for c in LABEL_COLOURS.tolist()}) == 5
+    with pytest.raises(ValueError, match="labels shape"):
+        overlay_labels(rgb, labels[:4])
+    with pytest.raises(ValueError, match="label values"):
+        overlay_labels(rgb, labels + 5)
+
+
+def test_contact_sheet_is_a_png_with_overlays(dataset, tmp_path):
+    root, _ = dataset
+    out = tmp_path / "sheet" / "contact.png"
+    write_contact_sheet(root, out, n_ids=3, n_cams=2)
+    with Image.open(out) as img:
+        img.verify()
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    assert sheet.shape[0] >= 3 * TINY.image_size and sheet.shape[1] >= 2 * 2 * TINY.image_size
+    # the legend swatches are drawn in the exact label colours
+    for colour in LABEL_COLOURS[1:]:
+        assert (sheet == colour).all(axis=2).any()
+    assert not list(out.parent.glob(".*tmp*"))
+    with pytest.raises(FileNotFoundError, match="name_test.txt"):
+        write_contact_sheet(tmp_path / "missing", out)
