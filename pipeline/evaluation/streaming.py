@@ -1,0 +1,404 @@
+"""Streaming ReID evaluation: distances block by block, never the full (Q, G) matrix.
+
+:class:`StreamingEvaluator` ranks a gallery for every query with the distance of a
+:class:`~pipeline.evaluation.distance.DistanceSpec` (``global``, ``local``, ``pven``;
+``paper`` or ``official``) and returns exactly the :class:`RankMetrics` that
+:func:`~pipeline.evaluation.metrics.rank_metrics` gives on the dense matrix of
+:func:`~pipeline.evaluation.distance.pven_distance` (same spec, tile and matmul dtype):
+both rank bitwise-identical distance values with the same counting code.
+
+Memory: O(q_block x g_block) distances (plus at most ``range_cap`` columns for the
+block's own ids, see below), the kernel's scratch, the queries and one gallery chunk
+in GEMM layout (or the whole gallery's layout, built once, when it fits in the
+provider's ``cache_bytes``, 1.5 GiB by default), and per-query state (the positive
+distances). Nothing of size Q x G is ever held.
+
+How one pass suffices. Ranks need each query's positive distances before its
+negatives can be counted. The gallery is visited in id order (a permutation; with
+the tie rule results do not depend on gallery order), so the gallery images with the
+ids of a block of id-sorted queries form one contiguous *range*. Per query block:
+
+1. compute the range's distances (all positives and junk are there), extract the
+   positives, build a :class:`~pipeline.evaluation.metrics.BlockRanker`, and count the
+   range's negatives (other ids) from the same distances (kept if the range is at
+   most ``range_cap`` columns wide, recomputed otherwise);
+2. stream the rest of the gallery once, in ``g_block`` chunks met by every query
+   block: all negatives, counted tile by tile on the kernel's worker threads while the
+   tile is in cache (:class:`~pipeline.evaluation.metrics.TileCounter`): one
+   comparison against each query's largest positive distance plus a ``searchsorted``
+   of the few survivors among the positives.
+
+Queries whose id has no gallery image are skipped without computing anything.
+Optional ``matmul_dtype=torch.bfloat16`` runs the GEMMs' cross terms in bfloat16
+(faster on CPUs with AVX512-BF16/AMX; distances change by ~1e-2, so metrics may too).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .distance import (DEFAULT_TILE, NUM_PARTS, BlockKernel, Chunk, DistanceSpec, FeatureSet, PreparedSet,
+                       check_tile, kernel_threads)
+from .metrics import BlockRanker, MetricAccumulator, RankMetrics, TileCounter, encode_cams, encode_ids
+
+__all__ = ["StreamingEvaluator", "evaluate", "TiledProvider"]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class TiledProvider:
+    """Distances of ``spec`` with the tiled GEMM kernel (the default provider).
+
+    Provider protocol used by :class:`StreamingEvaluator` (re-ranking implements it too):
+    ``set_gallery_order(perm)`` fixes the order in which gallery rows are requested;
+    ``queries(rows)`` lays out query rows (original indices) and ``gallery(s, e)`` the
+    gallery rows at positions ``s:e`` of that order; ``distances(qh, gh, c0, c1)``
+    returns the (n_queries, c1 - c0) distances to the handle's rows ``c0:c1`` (``c0`` a
+    tile multiple) as a view into a reused buffer (copy it to keep it); optional
+    ``count(qh, gh, c0, c1, ranker)`` counts those rows as negatives without storing
+    them. ``start()``/``close()`` bracket a run (threads, buffers). ``cache_bytes``:
+    the gallery's GEMM layout is built once if it fits (else per chunk, twice per row).
+    """
+
+    def __init__(self, query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec, *, q_block: int,
+                 g_block: int, matmul_dtype: torch.dtype | None = None,
+                 tile: tuple[int, int] = DEFAULT_TILE, cache_bytes: int = 3 << 29) -> None:
+        self.spec, self.tile, self.bf16 = spec, tuple(tile), matmul_dtype == torch.bfloat16
+        self.cache_bytes = int(cache_bytes)
+        self._cache: Chunk | None = None
+        self.tm, self.tn = check_tile(tile)
+        self.qs = PreparedSet(query, spec, matmul_dtype)
+        self.gs = PreparedSet(gallery, spec, matmul_dtype)
+        self.q_block = _round_up(max(1, int(q_block)), self.tm)
+        self.g_block = _round_up(max(1, int(g_block)), self.tn)
+        k = 0
+        if spec.uses_global:
+            k += self.qs.g.shape[1] + 2
+        if spec.uses_local:
+            k += NUM_PARTS * (self.qs.p.shape[2] + 2) + NUM_PARTS
+        self.flops_per_pair = 2 * k   # all GEMMs, per (padded) query-gallery pair
+        self.flops = 0
+        self.counting_seconds = 0.0   # wall-time share of negative counting done on the workers
+        self.kernel: BlockKernel | None = None
+        self._buf = torch.empty(0)
+        self._threads: Any = None
+
+    def start(self) -> None:
+        self._threads = kernel_threads()
+        workers = self._threads.__enter__()
+        self.kernel = BlockKernel(self.spec, self.tile, bf16=self.bf16, workers=workers)
+        self._buf = torch.empty(min(self.q_block, _round_up(max(self.qs.n, 1), self.tm))
+                                * min(self.g_block, _round_up(max(self.gs.n, 1), self.tn)))
+
+    def close(self) -> None:
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
+        if self._threads is not None:
+            self._threads.__exit__(None, None, None)
+            self._threads = None
+        self._buf = torch.empty(0)
+        self._cache = None
+
+    def queries(self, rows: torch.Tensor) -> Chunk:
+        n = int(rows.numel())
+        if n > self.q_block:
+            raise ValueError(f"{n} queries exceed q_block={self.q_block}")
+        return self.qs.chunk(rows, "query", _round_up(n, self.tm), pool=self.kernel.pool())
+
+    def set_gallery_order(self, perm: np.ndarray) -> None:
+        """Gallery rows will be requested by position in ``perm`` order (the evaluator's id order).
+
+        If the whole gallery's GEMM layout fits in ``cache_bytes`` it is built once here
+        and :meth:`gallery` returns views of it; otherwise each request lays out its rows.
+        """
+        self._perm = torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64))
+        self._identity = bool(np.array_equal(perm, np.arange(len(perm))))
+        self._cache = None
+        if self.gs.layout_bytes(_round_up(self.gs.n, self.tn)) <= self.cache_bytes:
+            self._cache = self.gs.chunk(self._index(0, self.gs.n), "gallery",
+                                        _round_up(self.gs.n, self.tn), pool=self.kernel.pool())
+
+    def _index(self, s: int, e: int) -> torch.Tensor | slice:
+        return slice(s, e) if self._identity else self._perm[s:e]
+
+    def gallery(self, s: int, e: int) -> Chunk:
+        """Layout of the gallery rows at positions ``s:e`` of the order (``s`` a tile multiple)."""
+        if self._cache is not None:
+            sub = self._cache.rows(s, _round_up(e, self.tn))
+            sub.n = e - s
+            return sub
+        return self.gs.chunk(self._index(s, e), "gallery", _round_up(e - s, self.tn), pool=self.kernel.pool())
+
+    def count(self, q: Chunk, g: Chunk, c0: int, c1: int, ranker: BlockRanker,
+              q_codes: np.ndarray | None = None, g_codes: np.ndarray | None = None) -> None:
+        """Count gallery rows ``c0:c1`` of ``g`` as negatives for ``ranker``'s queries.
+
+        Fused: each tile is filtered against the queries' farthest positives by the
+        worker that computed it, while it is in cache; no (n, c1 - c0) block is stored.
+        With codes, same-code entries (positives, junk) are left out.
+        """
+        sub = g.rows(c0, _round_up(c1, self.tn))
+        counter = TileCounter(ranker, self.kernel.workers, c1 - c0, q_codes, g_codes)
+        self.kernel.block(q, sub, None, counter)
+        self.flops += self.flops_per_pair * q.n_pad * sub.n_pad
+        counter.flush()
+        self.counting_seconds += sum(counter.seconds) / self.kernel.workers
+
+    def count_stored(self, d: torch.Tensor, ranker: BlockRanker, q_codes: np.ndarray,
+                     g_codes: np.ndarray) -> None:
+        """Count the negatives of a stored distance block ``d`` (n, w), tile by tile on the workers."""
+        counter = TileCounter(ranker, self.kernel.workers, d.shape[1], q_codes, g_codes)
+        tiles = [(i0, j0) for j0 in range(0, d.shape[1], self.tn) for i0 in range(0, d.shape[0], self.tm)]
+
+        def work(w: int) -> None:
+            for i0, j0 in tiles[w::self.kernel.workers]:
+                counter(w, i0, j0, d[i0:i0 + self.tm, j0:j0 + self.tn])
+        pool = self.kernel.pool()
+        if pool is None:
+            work(0)
+        else:
+            for f in [pool.submit(work, w) for w in range(self.kernel.workers)]:
+                f.result()
+        counter.flush()
+
+    def distances(self, q: Chunk, g: Chunk, c0: int, c1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(q.n, c1 - c0) distances; into ``out`` (>= q.n_pad x padded width elements, e.g.
+        from :meth:`range_buffer`) if given, else into the reused buffer."""
+        sub = g.rows(c0, _round_up(c1, self.tn))
+        need = q.n_pad * sub.n_pad
+        if out is None:
+            if need > self._buf.numel():
+                raise ValueError(f"block {q.n_pad}x{sub.n_pad} exceeds q_block x g_block")
+            out = self._buf
+        view = out[:need].view(q.n_pad, sub.n_pad)
+        self.kernel.block(q, sub, view)
+        self.flops += self.flops_per_pair * need
+        return view[:q.n, :c1 - c0]
+
+    def range_buffer(self, q: Chunk, width: int) -> torch.Tensor:
+        """A fresh buffer for ``distances(out=...)`` of ``width`` gallery rows."""
+        return torch.empty(q.n_pad * _round_up(width, self.tn))
+
+
+class _QueryBlock:
+    """State of one block of id-sorted queries: rows, layout, id range, ranker."""
+
+    def __init__(self, rows: np.ndarray, codes: np.ndarray, cams: np.ndarray | None, handle: Any,
+                 span: tuple[int, int]) -> None:
+        self.rows, self.codes, self.cams, self.handle, self.span = rows, codes, cams, handle, span
+        self.ranker: BlockRanker | None = None
+
+
+class StreamingEvaluator:
+    """Exact ReID metrics of ``query`` against ``gallery`` with O(q_block x g_block) memory.
+
+    query, gallery: :class:`FeatureSet` (ids, cams, features for the spec's mode)
+    spec:           distance (mode/variant/lam), see :class:`DistanceSpec`
+    remove_junk:    drop same-id same-camera gallery images (unknown cameras never junk)
+    max_rank:       CMC length
+    q_block, g_block: queries / gallery images per block (rounded up to tile multiples)
+    range_cap:      widest id range (columns) kept in memory for a query block; wider
+                    ranges are computed twice instead (default 2 x g_block)
+    matmul_dtype:   None (float32) or torch.bfloat16 for the GEMMs' cross terms
+    tile:           GEMM tile shape (same tile => bitwise-same distances as pven_distance)
+    rerank:         optional :class:`~pipeline.evaluation.rerank.RerankConfig`: rank by
+                    k-reciprocal re-ranked distances (still streamed and exact)
+    provider:       optional distance provider replacing the tiled kernel
+
+    The query layouts of all blocks are kept (Q x (feature dims + 10) floats); the
+    gallery is streamed once in g_block chunks, each laid out once. While it runs,
+    torch ops are single-threaded and the tile kernel uses one thread per former torch
+    thread (see :func:`~pipeline.evaluation.distance.kernel_threads`).
+
+    After :meth:`run`, ``stats`` holds: seconds in distance computation and in ranking
+    (the counting done on the kernel workers, fused with the distances, is measured
+    there and counted as ranking), GEMM flops, blocks, candidate negatives counted,
+    ranges recomputed.
+    """
+
+    def __init__(self, query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec = DistanceSpec(), *,
+                 remove_junk: bool = True, max_rank: int = 50, q_block: int = 1024, g_block: int = 8192,
+                 range_cap: int | None = None, matmul_dtype: torch.dtype | None = None,
+                 tile: tuple[int, int] = DEFAULT_TILE, rerank: Any = None, provider: Any = None) -> None:
+        self.query, self.gallery, self.spec = query, gallery, spec
+        self.remove_junk, self.max_rank = bool(remove_junk), int(max_rank)
+        if self.max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        if provider is None and rerank is not None:
+            from .rerank import RerankProvider   # imported here: rerank builds on this module
+            provider = RerankProvider(query, gallery, spec, rerank, q_block=q_block, g_block=g_block,
+                                      matmul_dtype=matmul_dtype, tile=tile)
+        self.provider = provider if provider is not None else TiledProvider(
+            query, gallery, spec, q_block=q_block, g_block=g_block, matmul_dtype=matmul_dtype, tile=tile)
+        self.q_block, self.g_block = self.provider.q_block, self.provider.g_block
+        self.tn = self.provider.tn
+        self.range_cap = int(range_cap) if range_cap is not None else 2 * self.g_block
+        self.stats: dict[str, float] = {}
+
+    def run(self) -> RankMetrics:
+        self.provider.start()
+        try:
+            return self._run()
+        finally:
+            self.provider.close()
+
+    def _run(self) -> RankMetrics:
+        nq, ng = len(self.query), len(self.gallery)
+        t_start = time.perf_counter()
+        self._t_dist = 0.0
+        self._t_fused = 0.0
+        self._n_blocks = 0
+        counting0 = float(getattr(self.provider, "counting_seconds", 0.0))
+        qcode, gcode = encode_ids(self.query.ids, self.gallery.ids, nq, ng)
+        cams = encode_cams(self.query.cams, self.gallery.cams, nq, ng) if self.remove_junk else None
+        acc = MetricAccumulator(nq, self.max_rank)
+
+        g_perm = np.argsort(gcode, kind="stable")
+        gcode_s = gcode[g_perm]
+        self._gcode_s = gcode_s
+        self._gcam_s = cams[1][g_perm] if cams is not None else None
+        t0 = time.perf_counter()
+        self.provider.set_gallery_order(g_perm)
+        self._t_dist += time.perf_counter() - t0
+        # where each id's images start / end in the id-sorted gallery
+        n_codes = int(max(qcode.max(initial=-1), gcode.max(initial=-1))) + 1
+        code_start = np.searchsorted(gcode_s, np.arange(n_codes), "left")
+        code_end = np.searchsorted(gcode_s, np.arange(n_codes), "right")
+        self._code_start, self._code_end = code_start, code_end
+        q_rows = np.nonzero(code_end[qcode] > code_start[qcode])[0] if nq else np.zeros(0, np.int64)
+        q_rows = q_rows[np.argsort(qcode[q_rows], kind="stable")]
+
+        blocks: list[_QueryBlock] = []
+        n_recomputed = 0
+        for b0 in range(0, len(q_rows), self.q_block):
+            rows = q_rows[b0:b0 + self.q_block]
+            t0 = time.perf_counter()
+            handle = self.provider.queries(torch.from_numpy(rows))
+            self._t_dist += time.perf_counter() - t0
+            lo, hi = int(code_start[qcode[rows[0]]]), int(code_end[qcode[rows[-1]]])
+            span = ((lo // self.tn) * self.tn, min(ng, _round_up(hi, self.tn)))
+            blk = _QueryBlock(rows, qcode[rows], cams[0][rows] if cams is not None else None, handle, span)
+            n_recomputed += self._rank_range(blk)
+            if bool(blk.ranker.has_positive.any()):
+                blocks.append(blk)
+            else:                                   # every query of the block is junk-only
+                acc.put(rows, *blk.ranker.finalize())
+
+        # Stream the gallery once; each chunk is laid out once and met by every block,
+        # skipping the columns of the block's own id range (counted above).
+        for c0 in range(0, ng, self.g_block):
+            c1 = min(ng, c0 + self.g_block)
+            gh = None
+            for blk in blocks:
+                rs, re = blk.span
+                for a, b in ((c0, min(c1, rs)), (max(c0, re), c1)):
+                    if a >= b:
+                        continue
+                    if gh is None:
+                        t0 = time.perf_counter()
+                        gh = self.provider.gallery(c0, c1)
+                        self._t_dist += time.perf_counter() - t0
+                    self._count(blk, gh, a - c0, b - c0)
+        n_cand = 0
+        for blk in blocks:
+            acc.put(blk.rows, *blk.ranker.finalize())
+            n_cand += blk.ranker.num_candidates
+        t_all = time.perf_counter() - t_start
+        # counting fused into the distance workers is ranking work: move its share over
+        counting = float(getattr(self.provider, "counting_seconds", 0.0)) - counting0
+        self.stats = {"seconds_total": t_all, "seconds_distance": self._t_dist - counting,
+                      "seconds_ranking": t_all - self._t_dist + counting, "seconds_fused": self._t_fused,
+                      "seconds_counting_on_workers": counting,
+                      "gemm_flops": float(getattr(self.provider, "flops", 0)), "blocks": self._n_blocks,
+                      "candidates": n_cand, "ranges_recomputed": n_recomputed,
+                      "queries_without_gallery_id": int(nq - len(q_rows))}
+        return acc.result()
+
+    def _dist(self, qh: Any, gh: Any, c0: int, c1: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        d = self.provider.distances(qh, gh, c0, c1)
+        self._t_dist += time.perf_counter() - t0
+        self._n_blocks += 1
+        return d
+
+    def _count(self, blk: _QueryBlock, gh: Any, c0: int, c1: int) -> None:
+        """Negatives of gallery rows c0:c1 (all other ids) for the block's queries."""
+        t0 = time.perf_counter()
+        if hasattr(self.provider, "count"):
+            self.provider.count(blk.handle, gh, c0, c1, blk.ranker)   # distances and counting fused
+            self._t_dist += time.perf_counter() - t0
+            self._t_fused += time.perf_counter() - t0
+            self._n_blocks += 1
+            return
+        blk.ranker.add_block(self._dist(blk.handle, gh, c0, c1))
+
+    def _rank_range(self, blk: _QueryBlock) -> int:
+        """Positives from the block's id range, its ranker, and the range's negatives.
+
+        Returns 1 if the range was too wide to keep and had to be computed twice.
+        """
+        rs, re = blk.span
+        keep = re - rs <= self.range_cap
+        fused = hasattr(self.provider, "count")
+        kept: list[tuple[int, int, torch.Tensor]] = []
+        # The gallery is id-sorted, so each query's same-id images are one interval of
+        # positions: list the (row, position) pairs once, drop junk, read their distances.
+        lo, hi = self._code_start[blk.codes], self._code_end[blk.codes]
+        lens = hi - lo
+        p_row = np.repeat(np.arange(len(blk.rows)), lens)
+        p_pos = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        if blk.cams is not None:
+            qc = blk.cams[p_row]
+            keep_pos = ~((qc == self._gcam_s[p_pos]) & (qc >= 0))
+            p_row, p_pos = p_row[keep_pos], p_pos[keep_pos]
+        pos_rows, pos_vals = [], []
+        for s in range(rs, re, self.g_block):
+            e = min(re, s + self.g_block)
+            t0 = time.perf_counter()
+            gh = self.provider.gallery(s, e)
+            self._t_dist += time.perf_counter() - t0
+            out = self.provider.range_buffer(blk.handle, e - s) if keep and fused else None
+            t0 = time.perf_counter()
+            d = self.provider.distances(blk.handle, gh, 0, e - s, out) if out is not None else \
+                self.provider.distances(blk.handle, gh, 0, e - s)
+            self._t_dist += time.perf_counter() - t0
+            self._n_blocks += 1
+            if keep and out is None:
+                d = d.clone()
+            sel = (p_pos >= s) & (p_pos < e)
+            r, c = torch.from_numpy(p_row[sel]), torch.from_numpy(p_pos[sel] - s)
+            pos_rows.append(r)
+            pos_vals.append(d[r, c])
+            if keep:
+                kept.append((s, e, d))
+        blk.ranker = BlockRanker(len(blk.rows), torch.cat(pos_rows), torch.cat(pos_vals))
+        if not bool(blk.ranker.has_positive.any()):
+            return 0
+        if keep:
+            for s, e, d in kept:
+                if fused:
+                    self.provider.count_stored(d, blk.ranker, blk.codes, self._gcode_s[s:e])
+                else:
+                    blk.ranker.add_block(d, blk.codes, self._gcode_s[s:e])
+            return 0
+        for s in range(rs, re, self.g_block):
+            e = min(re, s + self.g_block)
+            gh = self.provider.gallery(s, e)
+            if fused:
+                t0 = time.perf_counter()
+                self.provider.count(blk.handle, gh, 0, e - s, blk.ranker, blk.codes, self._gcode_s[s:e])
+                self._t_dist += time.perf_counter() - t0
+            else:
+                blk.ranker.add_block(self._dist(blk.handle, gh, 0, e - s), blk.codes, self._gcode_s[s:e])
+        return 1
+
+
+def evaluate(query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec = DistanceSpec(), **kwargs: Any) -> RankMetrics:
+    """Exact metrics by streaming (see :class:`StreamingEvaluator` for the keyword arguments)."""
+    return StreamingEvaluator(query, gallery, spec, **kwargs).run()
