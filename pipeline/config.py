@@ -188,7 +188,7 @@ class ReidConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     channels_last: bool = True
     checkpoint_every: int = _bounded(50, ge=1)
-    val_every: int = _bounded(1, ge=0)
+    val_every: int = _bounded(2, ge=0)
     num_workers: int = _bounded(1, ge=0)
     erase_prob: float = _bounded(0.5, ge=0.0, le=1.0)
     pad: int = _bounded(10, ge=0)
@@ -200,11 +200,12 @@ class ReidConfig:
 class EvalConfig:
     """Evaluation (evaluate stage): ``D = D_g + lam * D_l`` ranked block by block.
 
-    ``remove_junk`` drops gallery images with the query's id and camera (VeRi-776,
-    synthetic; VERI-Wild switchable). Re-ranking is k-reciprocal with k1, k2,
+    ``lam`` null takes the model variant's own (paper 1.0, official 0.5).
+    VeRi-776 and synthetic always drop gallery images with the query's id and camera;
+    ``remove_junk`` switches it for VERI-Wild (the paper keeps them, toolkits remove them). Re-ranking is k-reciprocal with k1, k2,
     ``rerank_lambda``. ``grid_queries`` ranked lists are drawn (first and worst).
     """
-    lam: float = _bounded(1.0, ge=0.0)
+    lam: float | None = _bounded(None, ge=0.0)
     batch_size: int = _bounded(64, ge=1)
     query_block: int = _bounded(1024, ge=1)
     gallery_block: int = _bounded(8192, ge=1)

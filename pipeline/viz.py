@@ -42,3 +42,46 @@ def overlay_labels(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> n
 def legend() -> list[tuple[str, tuple[int, int, int]]]:
     """(name, colour) per view, for captions."""
     return [(name, tuple(int(c) for c in LABEL_COLOURS[i])) for i, name in enumerate(VIEW_NAMES)]
+
+
+def ranked_grid(rows: list[dict], cell: tuple[int, int] = (96, 96)):
+    """A ranked-list picture: one row per query, its image then its top-k gallery images.
+
+    Each row is ``{"title": str, "query": (rgb, labels), "ranked": [(rgb, labels, correct,
+    weights, distance), ...]}`` with rgb (H, W, 3) uint8, labels (H, W) uint8 0..4,
+    ``weights`` the 4 common-visible attention weights (front, back, side, top) between
+    the query and that image. Every image is shown with its view-mask overlay; gallery
+    cells get a green (correct) or red (wrong) border and a caption ``d=<distance>`` over
+    ``F/B/S/T`` weights. ``cell`` is (width, height) px of one image.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    cw, ch = cell
+    pad, caption = 4, 24
+    title_h = 12
+    k = max((len(r["ranked"]) for r in rows), default=0)
+    width = (k + 1) * (cw + pad) + pad + 8
+    height = max(1, len(rows)) * (ch + caption + title_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+
+    def tile(rgb, labels, x, y, border):
+        img = Image.fromarray(overlay_labels(rgb, labels, alpha=0.35)).resize((cw, ch), Image.BILINEAR)
+        canvas.paste(img, (x, y))
+        if border is not None:
+            draw.rectangle([x - 2, y - 2, x + cw + 1, y + ch + 1], outline=border, width=3)
+
+    for r, row in enumerate(rows):
+        y = pad + r * (ch + caption + title_h + pad)
+        draw.text((pad, y), row["title"], fill=(0, 0, 0), font=font)
+        y += title_h
+        tile(*row["query"], pad, y, (40, 40, 40))
+        draw.text((pad, y + ch + 2), "query", fill=(0, 0, 0), font=font)
+        for i, (rgb, labels, correct, weights, dist) in enumerate(row["ranked"]):
+            x = pad + 8 + (i + 1) * (cw + pad)
+            tile(rgb, labels, x, y, (30, 170, 60) if correct else (220, 40, 40))
+            w = "/".join(f"{v:.1f}" for v in weights)
+            draw.text((x, y + ch + 2), f"{i + 1}: d={dist:.2f}", fill=(0, 0, 0), font=font)
+            draw.text((x, y + ch + 12), f"FBST {w}", fill=(90, 90, 90), font=font)
+    return canvas

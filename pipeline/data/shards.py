@@ -28,7 +28,6 @@ import math
 import os
 import random
 import shutil
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -114,7 +113,7 @@ def write_shards(splits: dict[str, list[Record]], out_dir: Path, opts: ShardOpti
         manifest["skipped"] += [bad for _, _, bad_list in mine for bad in bad_list]
     manifest["seconds"] = round(time.time() - started, 2)
     atomic.write_json(staging / MANIFEST, manifest)
-    _swap_dir(staging, out_dir)
+    atomic.swap_dir(staging, out_dir)
     return manifest
 
 
@@ -232,15 +231,6 @@ def _sha256(path: Path) -> str:
         for block in iter(functools.partial(f.read, 1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _swap_dir(staging: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``staging``; the old folder is removed only after the swap."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _options_dict(opts: ShardOptions) -> dict:

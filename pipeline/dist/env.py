@@ -45,7 +45,14 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     owns = False
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None:
+            # torchrun keeps one store across restarts: without a per-attempt prefix a
+            # restarted worker can read the dead attempt's keys and hang (pytorch#135712).
+            store = dist.PrefixStore(f"pven/attempt_{attempt}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         owns = True
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)

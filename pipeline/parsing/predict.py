@@ -1,0 +1,375 @@
+"""Batched parser inference, and the masks stage's shard-to-shard mask writer (distributed).
+
+:func:`write_masked_shards` reads every shard of ``shard_dir`` (all splits) and writes,
+for each input shard, an output shard of the same name in ``out_dir`` holding the same
+samples in the same order: the same ``jpg`` bytes, the ``json`` meta plus
+``"mask_source": "parser"``, and ``mask.png``, the *predicted* uint8 label map (0..4) at
+the image's resolution or at ``mask_size`` (height, width). Ground-truth masks are never
+copied (ReID stages must not see them); where one exists it only scores the prediction.
+
+Distribution: with ``world_size`` N, rank r takes input shards r, r+N, ... of the list
+of all shards (splits in manifest order); rank 0 writes the merged ``manifest.json`` (the
+shard manifest's format) and swaps the folder in. Batches never cross a shard boundary,
+so a shard's bytes do not depend on N (1 rank or many give identical files). Ranks
+write into one staging folder beside ``out_dir``: several nodes need a shared filesystem.
+
+An image that cannot be decoded is skipped (left out of its output shard) and listed in
+the manifest's ``skipped``; the stage goes on.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline import atomic
+from pipeline.data.records import SPLITS, VIEW_NAMES
+from pipeline.data.shards import MANIFEST, read_manifest, write_tar
+from pipeline.parsing.data import resize_image, resize_labels
+from pipeline.parsing.model import NUM_CLASSES, load_checkpoint, to_input
+from pipeline.parsing.train import confusion_matrix, iou_scores
+
+MASK_SOURCE = "parser"
+
+
+class ShardReadError(RuntimeError):
+    """An input shard that is not a readable tar (single images are skipped; a broken shard is fatal)."""
+
+
+# --------------------------------------------------------------------------- inference
+
+@torch.no_grad()
+def forward(model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 batch (B, S, S, 3) -> float32 logits (B, C, S, S) on the CPU."""
+    return model(to_input(images).to(device)).float().cpu()
+
+
+def logits_to_labels(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One image's logits (C, S, S) -> uint8 labels (height, width) = ``size``.
+
+    Logits are upsampled bilinearly before the argmax, which gives smoother part
+    boundaries than upsampling the argmax labels.
+    """
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return logits.argmax(0).to(torch.uint8).numpy()
+
+
+def predict_labels(model: torch.nn.Module, images: list[np.ndarray], image_size: int,
+                   device: torch.device | str = "cpu") -> list[np.ndarray]:
+    """Predicted label maps (H, W) uint8 for RGB images (H, W, 3) uint8 of any sizes, in one batch."""
+    batch = np.stack([resize_image(im, image_size) for im in images])
+    logits = forward(model, batch, device)
+    return [logits_to_labels(lg, im.shape[:2]) for lg, im in zip(logits, images)]
+
+
+# --------------------------------------------------------------------------- reading shards
+
+@dataclass(frozen=True)
+class _Item:
+    shard: int                                 # index into the rank's shard list
+    key: str
+    members: dict[str, tuple[int, int]]        # extension -> (byte offset, size) in the tar
+
+
+def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Samples of a WebDataset tar in file order: ``[(key, {ext: (offset, size)})]``.
+
+    Only headers are read. A sample's files share the name before the first dot
+    (WebDataset's rule), e.g. ``k.jpg``, ``k.json``, ``k.mask.png``.
+    """
+    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if not out or out[-1][0] != key:
+                    out.append((key, {}))
+                out[-1][1][ext] = (member.offset_data, member.size)
+    except (OSError, tarfile.TarError) as exc:
+        raise ShardReadError(f"{path}: not a readable shard ({type(exc).__name__}: {exc}); "
+                             "rerun the shard stage") from None
+    return out
+
+
+class _ShardItems(torch.utils.data.Dataset):
+    """Decodes one sample: raw bytes, the resized network input, ground truth if any, or an error."""
+
+    def __init__(self, paths: list[Path], items: list[_Item], image_size: int):
+        self.paths, self.items, self.size = paths, items, image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        raw = {}
+        with open(self.paths[item.shard], "rb") as f:
+            for ext, (offset, size) in item.members.items():
+                f.seek(offset)
+                raw[ext] = f.read(size)
+        out = {"index": i, "key": item.key, "raw": raw, "input": None, "truth": None, "error": None}
+        try:
+            if "jpg" not in raw or "json" not in raw:
+                raise ValueError(f"sample has {sorted(raw)}, expected jpg and json")
+            with Image.open(io.BytesIO(raw["jpg"])) as im:
+                im.load()
+                image = np.asarray(im.convert("RGB"))
+            out["size"] = image.shape[:2]
+            out["input"] = resize_image(image, self.size)
+            if "mask.png" in raw:
+                with Image.open(io.BytesIO(raw["mask.png"])) as im:
+                    out["truth"] = np.asarray(im if im.mode == "L" else im.convert("L"))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+
+
+def _shard_batches(items: list[_Item], batch_size: int) -> list[list[int]]:
+    """Batches of item indices that never span two shards (keeps outputs independent of rank count)."""
+    batches, start = [], 0
+    while start < len(items):
+        stop = start
+        while stop < len(items) and items[stop].shard == items[start].shard and stop - start < batch_size:
+            stop += 1
+        batches.append(list(range(start, stop)))
+        start = stop
+    return batches
+
+
+# --------------------------------------------------------------------------- statistics
+
+class MaskStats:
+    """Per-split counts: images, skipped, per-view visibility and area, confusion vs ground truth."""
+
+    def __init__(self):
+        self.splits: dict[str, dict[str, Any]] = {}
+
+    def _split(self, split: str) -> dict[str, Any]:
+        return self.splits.setdefault(split, {
+            "images": 0, "skipped": 0, "truth_images": 0,
+            "visible": np.zeros(NUM_CLASSES, np.int64), "area": np.zeros(NUM_CLASSES, np.float64),
+            "confusion": np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)})
+
+    def add(self, split: str, labels: np.ndarray, truth_conf: np.ndarray | None) -> None:
+        s = self._split(split)
+        counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        s["images"] += 1
+        s["visible"] += counts > 0
+        s["area"] += counts / labels.size
+        if truth_conf is not None:
+            s["truth_images"] += 1
+            s["confusion"] += truth_conf
+
+    def skip(self, split: str) -> None:
+        self._split(split)["skipped"] += 1
+
+    def merge(self, other: "MaskStats") -> None:
+        for split, theirs in other.splits.items():
+            mine = self._split(split)
+            for k, v in theirs.items():
+                mine[k] = mine[k] + v
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able metrics: per split, plus ``heldout`` = every non-train split's ground truth."""
+        out: dict[str, Any] = {}
+        heldout = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+        heldout_images = 0
+        for split in sorted(self.splits, key=_split_order):
+            s = self.splits[split]
+            n = max(s["images"], 1)
+            entry = {"images": s["images"], "skipped": s["skipped"],
+                     "visible": {VIEW_NAMES[c]: round(float(s["visible"][c] / n), 4) for c in range(1, NUM_CLASSES)},
+                     "area": {VIEW_NAMES[c]: round(float(s["area"][c] / n), 4) for c in range(1, NUM_CLASSES)}}
+            if s["truth_images"]:
+                entry["truth"] = {"images": s["truth_images"], **_named(iou_scores(s["confusion"]))}
+                if split != "train":
+                    heldout += s["confusion"]
+                    heldout_images += s["truth_images"]
+            out[split] = entry
+        result: dict[str, Any] = {"splits": out}
+        if heldout_images:
+            result["heldout_truth"] = {"images": heldout_images, **_named(iou_scores(heldout))}
+        return result
+
+
+def _named(scores: dict[str, Any]) -> dict[str, Any]:
+    """iou list -> {view name: iou}; rounded for metric files."""
+    iou = {VIEW_NAMES[c]: (None if v is None else round(v, 4)) for c, v in enumerate(scores["iou"])}
+    return {"miou": round(scores["miou"], 4), "pixel_acc": round(scores["pixel_acc"], 4), "iou": iou}
+
+
+def _split_order(split: str) -> int:
+    return SPLITS.index(split) if split in SPLITS else len(SPLITS)
+
+
+# --------------------------------------------------------------------------- the masks stage
+
+def _all_shards(shard_dir: Path) -> list[tuple[str, str]]:
+    """(split, shard name) of every input shard, splits in manifest order."""
+    manifest = read_manifest(shard_dir)
+    return [(split, s["name"]) for split, info in manifest["splits"].items() for s in info["shards"]]
+
+
+def _peek(iterator: Iterator):
+    """An iterator with one item of look-ahead: returns (peek(), next())."""
+    buffer: list = []
+
+    def peek():
+        if not buffer:
+            buffer.append(next(iterator, None))
+        return buffer[0]
+
+    def take():
+        value = peek()
+        buffer.clear()
+        return value
+
+    return peek, take
+
+
+def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: str | Path, *,
+                        batch_size: int = 32, mask_size: tuple[int, int] | None = None,
+                        num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                        device: torch.device | str = "cpu", progress: bool = False) -> dict[str, Any] | None:
+    """Predict masks for every sample of ``shard_dir`` into ``out_dir`` (see module docstring).
+
+    Every rank must call this (it synchronises through torch.distributed when
+    ``world_size`` > 1). Returns, on rank 0, ``{"manifest", "metrics"}``; None elsewhere.
+    """
+    shard_dir, out_dir = Path(shard_dir), Path(out_dir)
+    shards = _all_shards(shard_dir)
+    model, config, _ = load_checkpoint(checkpoint, device)
+    staging = out_dir.with_name(f".{out_dir.name}.staging")  # one name for all ranks
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    _barrier(world_size)
+    mine = shards[rank::world_size]
+    paths = [shard_dir / name for _, name in mine]
+    items = [_Item(i, key, members) for i, p in enumerate(paths) for key, members in index_tar(p)]
+    loader = torch.utils.data.DataLoader(_ShardItems(paths, items, int(config["image_size"])),
+                                         batch_sampler=_shard_batches(items, batch_size),
+                                         num_workers=num_workers, collate_fn=list)
+    stats, skipped, written = MaskStats(), [], []
+    ids: dict[str, dict[str, set]] = {}  # split -> vehicle ids and cameras written
+    started = time.time()
+    peek, take = _peek(iter(_progress(loader, progress)))
+    for i, (split, name) in enumerate(mine):
+        seen = ids.setdefault(split, {"vids": set(), "cameras": set()})
+
+        def samples(i=i, split=split, name=name, seen=seen):
+            # The loader yields whole batches in order and a batch never spans shards,
+            # so shard i's samples are exactly the batches until the shard index changes.
+            while peek() is not None and items[peek()[0]["index"]].shard == i:
+                yield from _masked_batch(take(), model, device, mask_size, split, name, stats, skipped, seen)
+        info = write_tar(staging / name, samples())
+        written.append({"split": split, **info})
+    seconds = time.time() - started
+    local = {"written": written, "stats": stats, "skipped": skipped, "seconds": seconds, "ids": ids}
+    gathered = _gather(local, world_size)
+    if rank != 0:
+        _barrier(world_size)
+        return None
+    result = _finish(shard_dir, staging, out_dir, shards, gathered, config, mask_size, checkpoint)
+    _barrier(world_size)
+    return result
+
+
+def _masked_batch(batch: list[dict], model, device, mask_size, split: str, shard: str,
+                  stats: MaskStats, skipped: list, seen: dict[str, set]) -> Iterator[dict[str, Any]]:
+    """Output samples for one decoded batch, in order; undecodable samples go to ``skipped``."""
+    good = [b for b in batch if b["error"] is None]
+    for b in batch:
+        if b["error"] is not None:
+            skipped.append({"split": split, "shard": shard, "key": b["key"], "reason": b["error"]})
+            stats.skip(split)
+    logits = forward(model, np.stack([b["input"] for b in good]), device) if good else []
+    done = dict(zip((b["index"] for b in good), logits))
+    for b in batch:
+        if b["error"] is not None:
+            continue
+        lg = done[b["index"]]
+        labels = logits_to_labels(lg, b["size"])
+        conf = None if b["truth"] is None else confusion_matrix(labels, _fit(b["truth"], labels.shape))
+        stored = labels if mask_size is None else logits_to_labels(lg, mask_size)
+        stats.add(split, stored, conf)
+        meta = json.loads(b["raw"]["json"])
+        meta["mask_source"] = MASK_SOURCE
+        seen["vids"].add(meta["vid"])
+        if meta.get("camera", -1) >= 0:
+            seen["cameras"].add(meta["camera"])
+        yield {"__key__": b["key"], "jpg": b["raw"]["jpg"],
+               "json": json.dumps(meta, sort_keys=True).encode(), "mask.png": _png(stored)}
+
+
+def _fit(truth: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return truth if truth.shape == shape else resize_labels(truth, shape)
+
+
+def _png(labels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(labels, "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _finish(shard_dir: Path, staging: Path, out_dir: Path, shards: list[tuple[str, str]],
+            gathered: list[dict], config: dict, mask_size, checkpoint) -> dict[str, Any]:
+    """Rank 0: merge the ranks' results into the manifest and metrics, swap the folder in."""
+    by_name = {w["name"]: w for g in gathered for w in g["written"]}
+    stats = MaskStats()
+    for g in gathered:
+        stats.merge(g["stats"])
+    manifest: dict[str, Any] = {"format": 1, "source": str(shard_dir), "mask_source": MASK_SOURCE,
+                                "parser": {"checkpoint": str(checkpoint), **config},
+                                "mask_size": None if mask_size is None else list(mask_size),
+                                "splits": {}, "skipped": []}
+    for split in dict.fromkeys(s for s, _ in shards):
+        infos = [by_name[name] for s, name in shards if s == split]
+        vids = set().union(*(g["ids"].get(split, {}).get("vids", set()) for g in gathered))
+        cams = set().union(*(g["ids"].get(split, {}).get("cameras", set()) for g in gathered))
+        count = sum(i["samples"] for i in infos)
+        manifest["splits"][split] = {"samples": count, "identities": len(vids), "cameras": len(cams),
+                                     "labels": count,
+                                     "shards": [{k: i[k] for k in ("name", "samples", "sha256")} for i in infos]}
+    order = {name: i for i, (_, name) in enumerate(shards)}
+    manifest["skipped"] = sorted((s for g in gathered for s in g["skipped"]), key=lambda s: (order[s["shard"]], s["key"]))
+    seconds = max(g["seconds"] for g in gathered)
+    atomic.write_json(staging / MANIFEST, manifest)
+    atomic.swap_dir(staging, out_dir)
+    images = sum(v["samples"] for v in manifest["splits"].values())
+    metrics = {"images": images, "skipped": len(manifest["skipped"]), "seconds": round(seconds, 2),
+               "images_per_s": round(images / max(seconds, 1e-9), 1), "ranks": len(gathered), **stats.summary()}
+    return {"manifest": manifest, "metrics": metrics}
+
+
+def _progress(loader, enabled: bool):
+    if not enabled:
+        return loader
+    from tqdm import tqdm
+    return tqdm(loader, desc="masks", unit="batch", total=len(loader.batch_sampler), leave=False)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,102 @@
+"""Pictures of parser output: raw 0..4 label PNGs look black, colour overlays are what people read.
+
+:func:`overlay_sheet` lays out one row per image: the image, then a colour overlay per
+label map given (e.g. prediction, ground truth), each tile resized to ``tile`` px high.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline import atomic
+from pipeline.data.shards import decode_sample, read_manifest
+from pipeline.viz import LABEL_COLOURS, overlay_labels
+
+
+def overlay_sheet(rows: list[tuple[np.ndarray, list[np.ndarray | None]]], tile: int = 128,
+                  alpha: float = 0.55) -> np.ndarray:
+    """rows of (image (H, W, 3) uint8, [labels (H, W) uint8 or None, ...]) -> one (R*tile, C*tile', 3) picture.
+
+    A None label map leaves its tile grey (e.g. no ground truth for that image). A
+    legend strip (one colour square per label, background first) is added at the bottom.
+    """
+    if not rows:
+        raise ValueError("overlay_sheet: no rows")
+    columns = 1 + max(len(labels) for _, labels in rows)
+    lines = []
+    for image, labels in rows:
+        width = max(1, round(image.shape[1] * tile / image.shape[0]))
+        tiles = [_fit(image, tile, width)]
+        for lab in labels:
+            tiles.append(np.full((tile, width, 3), 96, np.uint8) if lab is None
+                         else _fit(overlay_labels(image, lab, alpha), tile, width))
+        tiles += [np.full((tile, width, 3), 96, np.uint8)] * (columns - len(tiles))
+        lines.append(np.concatenate(tiles, axis=1))
+    total = max(line.shape[1] for line in lines)
+    lines = [np.pad(line, ((0, 0), (0, total - line.shape[1]), (0, 0))) for line in lines]
+    legend = np.zeros((tile // 4, total, 3), np.uint8)
+    step = max(1, total // len(LABEL_COLOURS))
+    for i, colour in enumerate(LABEL_COLOURS):
+        legend[:, i * step:(i + 1) * step] = colour
+    return np.concatenate(lines + [legend], axis=0)
+
+
+def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.NEAREST))
+
+
+def save_png(path: str | Path, picture: np.ndarray) -> Path:
+    """Write an RGB array as PNG, atomically."""
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    return atomic.write_bytes(path, buf.getvalue())
+
+
+def masks_sheet(masked_dir: str | Path, shard_dir: str | Path, count: int = 8) -> np.ndarray:
+    """Overlay picture of the first ``count`` predicted masks of one split.
+
+    Columns: image, prediction, ground truth (grey when the input has none). Prefers a
+    held-out split (query, gallery, test) so the picture shows the parser on unseen vehicles.
+    """
+    masked = read_manifest(masked_dir)["splits"]
+    split = next((s for s in ("query", "gallery", "test", "train") if s in masked), None)
+    if split is None:
+        raise ValueError(f"{masked_dir}: no split to draw")
+    chosen = []
+    for shard in masked[split]["shards"]:
+        chosen += [decode_sample(s) for s in _samples(Path(masked_dir) / shard["name"], count - len(chosen))]
+        if len(chosen) >= count:
+            break
+    wanted, truth = {d["key"] for d in chosen}, {}
+    for shard in read_manifest(shard_dir)["splits"].get(split, {}).get("shards", []):
+        for sample in _samples(Path(shard_dir) / shard["name"]):
+            if sample["__key__"] in wanted and "mask.png" in sample:
+                truth[sample["__key__"]] = decode_sample(sample)["mask"]
+        if len(truth) == len(wanted):
+            break
+    return overlay_sheet([(d["image"], [d["mask"], truth.get(d["key"])]) for d in chosen])
+
+
+def _samples(path: Path, limit: int | None = None):
+    """Raw samples of one tar, in order, at most ``limit`` (the picture needs a handful)."""
+    current: dict = {}
+    done = 0
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if current and current["__key__"] != key:
+                yield current
+                done += 1
+                current = {}
+                if limit is not None and done >= limit:
+                    return
+            current["__key__"] = key
+            current[ext] = tar.extractfile(member).read()
+    if current and (limit is None or done < limit):
+        yield current

@@ -1,0 +1,179 @@
+"""Parser training: balanced cross entropy, IoU metrics, and the training loop.
+
+Balanced CE (method.md §1): class ``c`` is weighted by ``1 / f_c``, ``f_c`` its share of
+the training masks' pixels, scaled so that the weights of the classes present average
+1 (the loss keeps the magnitude of plain CE). A class with no training pixel gets
+weight 0: it never appears as a target, and an infinite weight would be meaningless.
+
+IoU of class c = TP / (TP + FP + FN) over all pixels of a set; a class absent from both
+prediction and truth has no IoU (None) and is left out of the mean (mIoU).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.parsing.data import Annotated, Augment, ParsingDataset, decode_pair, resize_image, resize_labels
+from pipeline.parsing.model import CHECKPOINT, NUM_CLASSES, build_parser, save_checkpoint, to_input
+
+
+# --------------------------------------------------------------------------- loss weights
+
+def pixel_counts(masks: Iterable[np.ndarray], classes: int = NUM_CLASSES) -> np.ndarray:
+    """Pixels per label over label maps (H, W) uint8 -> int64 (classes,). Raises on labels >= classes."""
+    counts = np.zeros(classes, np.int64)
+    for m in masks:
+        c = np.bincount(np.asarray(m).ravel(), minlength=classes)
+        if len(c) > classes:
+            raise ValueError(f"label {len(c) - 1} found, expected labels 0..{classes - 1}")
+        counts += c
+    return counts
+
+
+def class_weights(counts: np.ndarray) -> np.ndarray:
+    """Balanced CE weights float32 (classes,): inverse pixel frequency, present classes average 1."""
+    counts = np.asarray(counts, np.float64)
+    if counts.sum() <= 0:
+        raise ValueError("class_weights: no labelled pixels")
+    present = counts > 0
+    inv = np.zeros_like(counts)
+    inv[present] = counts.sum() / counts[present]
+    return (inv * present.sum() / inv.sum()).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- metrics
+
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
+    """(classes, classes) int64 pixel counts: row = true label, column = predicted label."""
+    pred, truth = np.asarray(pred).ravel().astype(np.int64), np.asarray(truth).ravel().astype(np.int64)
+    if pred.shape != truth.shape:
+        raise ValueError(f"confusion_matrix: {pred.size} predicted vs {truth.size} true pixels")
+    if truth.size and max(pred.max(), truth.max()) >= classes:
+        raise ValueError(f"confusion_matrix: label {max(pred.max(), truth.max())} >= {classes} classes")
+    return np.bincount(truth * classes + pred, minlength=classes * classes).reshape(classes, classes)
+
+
+def iou_scores(conf: np.ndarray) -> dict[str, Any]:
+    """``{"iou": [per class or None], "miou", "pixel_acc"}`` from a confusion matrix (see module docstring)."""
+    conf = np.asarray(conf, np.float64)
+    tp = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = [None if u == 0 else float(t / u) for t, u in zip(tp, union)]
+    valid = [v for v in iou if v is not None]
+    return {"iou": iou, "miou": float(np.mean(valid)) if valid else float("nan"),
+            "pixel_acc": float(tp.sum() / conf.sum()) if conf.sum() else float("nan")}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, samples: list[Annotated], image_size: int, batch_size: int,
+             weights: torch.Tensor | None = None, device: torch.device | str = "cpu",
+             precision: str = "fp32") -> dict[str, Any]:
+    """Loss at the network size, IoU at each image's own resolution (how the masks stage predicts).
+
+    Returns ``iou_scores`` plus ``"loss"`` (weighted CE, mean over batches) and ``"confusion"``.
+    """
+    model.eval()
+    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    losses = []
+    for start in range(0, len(samples), batch_size):
+        pairs = [decode_pair(s) for s in samples[start:start + batch_size]]
+        x = np.stack([resize_image(im, image_size) for im, _ in pairs])
+        y = torch.from_numpy(np.stack([resize_labels(m, (image_size, image_size)) for _, m in pairs]).astype(np.int64))
+        with _autocast(device, precision):
+            logits = model(to_input(x).to(device))
+        logits = logits.float().cpu()
+        losses.append(float(F.cross_entropy(logits, y, weight=weights)))
+        for lg, (_, truth) in zip(logits, pairs):
+            up = F.interpolate(lg[None], size=truth.shape, mode="bilinear", align_corners=False)[0]
+            conf += confusion_matrix(up.argmax(0).numpy(), truth)
+    return {**iou_scores(conf), "loss": float(np.mean(losses)), "confusion": conf.tolist()}
+
+
+def _autocast(device, precision: str):
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# --------------------------------------------------------------------------- training
+
+def train_parser(cfg, train: list[Annotated], val: list[Annotated], seed: int, out_dir: str | Path, *,
+                 aug: Augment | None = None, device: torch.device | str = "cpu", progress: bool = False,
+                 on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train the U-Net on ``train``, validate on ``val`` every epoch, keep the best checkpoint.
+
+    ``cfg`` is a :class:`pipeline.config.ParserConfig` (encoder, encoder_weights,
+    image_size, epochs, batch_size, lr, weight_decay, num_workers, precision). The
+    checkpoint with the highest val mIoU is written to ``out_dir/parser.pt``.
+    ``on_epoch(epoch, row)`` gets each epoch's row: train_loss, val_loss, val_miou,
+    val_pixel_acc, lr, seconds. Returns a summary with the history, the best epoch's
+    val scores and the class weights.
+    """
+    started = time.time()
+    torch.manual_seed(seed)
+    precision = getattr(cfg, "precision", "fp32")
+    model = build_parser(cfg.encoder, NUM_CLASSES, cfg.encoder_weights).to(device)
+    counts = pixel_counts(decode_pair(s)[1] for s in train)
+    weights = torch.from_numpy(class_weights(counts))
+    dataset = ParsingDataset(train, cfg.image_size, aug or Augment.from_config(cfg), seed)
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, total // 20)
+    # Linear warm-up, then cosine decay to zero: stable start from random init, no tuning of steps.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (step + 1) / warmup if step < warmup
+        else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+    config = {"encoder": cfg.encoder, "image_size": cfg.image_size, "classes": NUM_CLASSES}
+    out_dir = Path(out_dir)
+    history, best = [], None
+    for epoch in range(cfg.epochs):
+        t0 = time.time()
+        dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) >= cfg.batch_size,
+            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        model.train()
+        losses = []
+        bar = _bar(loader, progress, f"parser epoch {epoch + 1}/{cfg.epochs}")
+        for images, labels in bar:
+            with _autocast(device, precision):
+                logits = model(to_input(images).to(device))
+            loss = F.cross_entropy(logits.float(), labels.to(device), weight=weights.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if progress:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        scores = evaluate(model, val, cfg.image_size, cfg.batch_size, weights, device, precision)
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": scores["loss"],
+               "val_miou": scores["miou"], "val_pixel_acc": scores["pixel_acc"],
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+        history.append(row)
+        if best is None or scores["miou"] > best["scores"]["miou"]:
+            best = {"epoch": epoch + 1, "scores": scores}
+            save_checkpoint(out_dir / CHECKPOINT, model, config,
+                            {"epoch": epoch + 1, "val_miou": scores["miou"], "seed": seed})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, row)
+    freq = counts / counts.sum()
+    return {"history": history, "best_epoch": best["epoch"], "val": best["scores"],
+            "class_weights": weights.tolist(), "pixel_freq": freq.tolist(),
+            "train_images": len(train), "val_images": len(val), "config": config,
+            "seconds": round(time.time() - started, 2)}
+
+
+def _bar(loader, enabled: bool, desc: str):
+    if not enabled:
+        return loader
+    from tqdm import tqdm
+    return tqdm(loader, desc=desc, unit="batch", leave=False)

@@ -1,0 +1,74 @@
+"""PVEN's training losses (method.md §4).
+
+``L = w_id L_id + w_gtri L_tri_g + w_ltri L_tri_l`` on one P x K batch of B images:
+
+* ``L_id``: cross entropy with label smoothing on the classifier logits (B, N).
+* ``L_tri_g``: batch-hard triplet with margin ``margin_g`` on the Euclidean distance
+  of the global features f_g (B, C) (before the BN neck, as in BNNeck models).
+* ``L_tri_l``: batch-hard triplet with margin ``margin_l`` on the local distance
+  D_l of :mod:`pipeline.reid.distance`.
+
+Batch-hard: for each anchor, the farthest positive (same identity, not itself) and
+the nearest negative; loss ``max(0, d_ap - d_an + margin)`` averaged over anchors.
+For the local loss a pair that shares no visible part (D_l undefined, set to 0) is
+left out of the mining, so it is neither a "perfect" positive nor an impossible
+negative; an anchor left without a positive or a negative does not count. When no
+anchor counts, the loss is an exact 0 that still carries a (zero) gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.reid.distance import euclidean, pairwise_local_distance
+
+
+def id_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
+    """Label-smoothed cross entropy: logits (B, N), labels (B,) in 0..N-1 -> scalar."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+
+
+def batch_hard_triplet(dist: torch.Tensor, labels: torch.Tensor, margin: float,
+                       valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Batch-hard triplet loss of a (B, B) distance matrix; ``valid`` (B, B) bool limits the pairs mined.
+
+    Returns (loss, stats) with 0-d tensor stats ``active`` (share of counted anchors
+    with a positive loss) and ``anchors`` (counted anchors); tensors, so that nothing
+    waits on the device here.
+    """
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=dist.device)
+    pos = same & ~eye
+    neg = ~same
+    if valid is not None:
+        pos, neg = pos & valid, neg & valid
+    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+    # where() with a constant routes no gradient to the pairs not mined.
+    d_ap = torch.where(pos, dist, -inf).max(1).values
+    d_an = torch.where(neg, dist, inf).min(1).values
+    counted = pos.any(1) & neg.any(1)
+    # Uncounted anchors hold +-inf: select before subtracting (inf - inf would be NaN).
+    zero = torch.zeros((), dtype=dist.dtype, device=dist.device)
+    gap = torch.where(counted, d_ap, zero) - torch.where(counted, d_an, zero) + margin
+    per_anchor = torch.where(counted, F.relu(gap), zero)
+    n = counted.sum()
+    # An exact 0 (with a zero gradient) when no anchor counts; no host sync either way.
+    loss = per_anchor.sum() / n.clamp(min=1)
+    stats = {"active": ((per_anchor > 0) & counted).sum() / n.clamp(min=1), "anchors": n}
+    return loss, stats
+
+
+def pven_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg, variant: str = "paper") -> dict[str, torch.Tensor]:
+    """All three losses and their weighted sum for the model outputs ``out`` (see model.PVEN).
+
+    ``cfg`` is a :class:`pipeline.config.LossConfig`. Returns ``loss`` (the total, to
+    back-propagate) and the unweighted components ``id``, ``gtri``, ``ltri``. Every
+    component is always computed (a weight of 0 gives zero gradients, not unused
+    parameters, which DDP would reject).
+    """
+    l_id = id_loss(out["logits"], labels, cfg.label_smoothing)
+    l_g, _ = batch_hard_triplet(euclidean(out["global"], out["global"]), labels, cfg.margin_g)
+    d_l, common = pairwise_local_distance(out["local"], out["visibility"], out["local"], out["visibility"], variant)
+    l_l, _ = batch_hard_triplet(d_l, labels, cfg.margin_l, valid=common)
+    total = cfg.w_id * l_id + cfg.w_gtri * l_g + cfg.w_ltri * l_l
+    return {"loss": total, "id": l_id, "gtri": l_g, "ltri": l_l}

@@ -1,0 +1,407 @@
+"""PVEN training loop as a library function (the train_reid stage and Ray Tune trials call it).
+
+:func:`train` runs on every rank of an existing setting: it takes the validated
+:class:`~pipeline.config.Params`, a :class:`~pipeline.dist.env.DistInfo` (from
+``init_distributed()``, or built by a Ray Train worker), and optional callbacks. It
+does not create or destroy the process group, does not start an MLflow run (pass the
+stage's ``run`` handle to log into it) and does not exit the process.
+
+What one call does:
+
+1. Reads the training identities of the masked shards (``masks.out_dir``) and maps
+   their vids to classes 0..N-1 (sorted vids; saved with the model).
+2. Builds PVEN and the backend (``reid.backend``: ddp | deepspeed), then resumes from
+   the latest checkpoint in ``reid.checkpoint_dir`` if one of this configuration exists.
+3. Streams identity-balanced P x K batches (``TrainStream`` + ``PKBatcher``), exactly
+   ``reid.batches_per_epoch`` per rank and epoch; a mid-epoch resume skips the batches
+   already trained on, which come again identically (every source of randomness is
+   seeded from (seed, epoch, rank, worker)).
+4. Each step: forward, the three losses, a check that the loss is finite on every
+   rank (else :class:`NonFiniteLossError`, keeping the last good checkpoint), backward,
+   optimizer and lr steps. Checkpoints every ``reid.checkpoint_every`` steps and at
+   each epoch end (then with ``epoch + 1``).
+5. Every ``reid.val_every`` epochs: query vs gallery mAP of the masked shards with
+   ``D = D_g + D_l`` (and with D_g alone), features extracted by all ranks and gathered.
+6. ``on_epoch(metrics)`` is called on every rank with the same dict after each epoch
+   (Ray Train needs every worker to report).
+7. Rank 0 writes the final model to ``reid.out_dir/model.pt`` (+ ``model.json``).
+
+Units: losses are per-batch means; ``images_per_s`` counts training images of all
+ranks per second of training-step wall time (data waits included, validation and
+checkpoint writing excluded); times in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline import atomic
+from pipeline.config import Params
+from pipeline.data.shards import TrainStream, eval_pipeline, read_manifest, shard_urls
+from pipeline.dist.backends import BackendOptions, make_backend
+from pipeline.dist.checkpoint import CheckpointManager, torch_save_atomic
+from pipeline.dist.env import DistInfo, barrier
+from pipeline.reid.data import EvalTransform, TrainTransform, collate, read_vid
+from pipeline.reid.distance import euclidean, inference_local_term, pairwise_local_distance
+from pipeline.reid.losses import pven_loss
+from pipeline.reid.model import build_model, model_payload, normalize_images
+from pipeline.reid.sampling import PKBatcher
+
+LOSS_NAMES = ("loss", "id", "gtri", "ltri")
+LOG_EVERY = 10  # steps between MLflow loss points (each one is a database write)
+VAL_BATCH = 64
+MODEL_FILE = "model.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf on some rank; training stopped."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every rank; ``model_path`` is set on rank 0 only)."""
+    history: list[dict[str, Any]]   # one dict per epoch (see ``on_epoch``)
+    steps: list[dict[str, Any]]     # one row per step: step, epoch, loss, id, gtri, ltri, lr
+    global_step: int
+    num_classes: int
+    resumed_from: int | None        # the step the run resumed from, if it did
+    model_path: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    model: Any = None               # this rank's trained nn.Module (bare, not wrapped)
+
+
+class WarmupCosine:
+    """lr multiplier per optimizer step: linear warm-up to 1, then cosine down to ``floor``."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, floor: float = 0.01):
+        self.warmup, self.total, self.floor = warmup_steps, max(total_steps, 1), floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def training_identities(data_dir: Path, info: DistInfo) -> list[int]:
+    """Sorted vids of the training split, read from the shards' json members (rank 0, then broadcast)."""
+    vids: list = [None]
+    if info.is_main:
+        found = set()
+        for url in shard_urls(data_dir, "train"):
+            with tarfile.open(url) as tar:  # random access: only json members are read
+                for member in tar:
+                    if member.name.endswith(".json"):
+                        found.add(int(json.loads(tar.extractfile(member).read())["vid"]))
+        expected = read_manifest(data_dir)["splits"]["train"]["identities"]
+        if len(found) != expected:
+            raise ValueError(f"{data_dir}: train shards hold {len(found)} identities, manifest says {expected}")
+        vids = [sorted(found)]
+    if info.distributed:
+        dist.broadcast_object_list(vids, 0)
+    return vids[0]
+
+
+def cpu_threads(num_workers: int) -> int:
+    """Intra-op threads for one training process: its share of the cores minus its loader workers.
+
+    OpenMP threads spin while they wait; with more threads than free cores (loader
+    workers, other ranks, other jobs) a step slows down many times over (measured on
+    2 shared cores: 1 thread 31.9 img/s, 2 threads 3.9 img/s). ``OMP_NUM_THREADS``, when
+    set, wins. For the process owner (the stage) to apply; the library never does.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, (os.cpu_count() or 1) // local - num_workers)
+
+
+def fingerprint(params: Params, data_dir: Path, world_size: int) -> str:
+    """What a checkpoint must match to be resumed: the reid params that change results, data, world size."""
+    reid = params.section("reid")
+    for key in ("out_dir", "checkpoint_dir", "checkpoint_every", "val_every", "nproc_per_node"):
+        reid.pop(key)
+    manifest = read_manifest(data_dir)
+    shards = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
+    blob = json.dumps({"seed": params.seed, "reid": reid, "shards": shards, "world": world_size}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _rank_metrics(distmat: torch.Tensor, q_ids, g_ids, q_cams, g_cams) -> dict[str, float]:
+    """mAP / rank-1 / rank-5 with junk removal (same id and camera), via pipeline.evaluation if present."""
+    try:
+        from pipeline.evaluation.metrics import rank_metrics
+    except ImportError:  # the evaluation package is optional for training
+        return _simple_rank_metrics(distmat.numpy(), q_ids, g_ids, q_cams, g_cams)
+    summary = rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams, remove_junk=True, max_rank=5).summary((1, 5))
+    return {"mAP": summary["mAP"], "rank1": summary["rank1"], "rank5": summary["rank5"]}
+
+
+def _simple_rank_metrics(d: np.ndarray, q_ids, g_ids, q_cams, g_cams) -> dict[str, float]:
+    """Fallback (sorts each row): AP over valid gallery entries, queries without a match skipped."""
+    aps, r1, r5 = [], [], []
+    for i in range(d.shape[0]):
+        keep = ~((g_ids == q_ids[i]) & (g_cams == q_cams[i]))
+        order = np.argsort(d[i][keep], kind="stable")
+        hits = (g_ids[keep] == q_ids[i])[order]
+        if not hits.any():
+            continue
+        ranks = np.flatnonzero(hits)
+        aps.append(np.mean((np.arange(len(ranks)) + 1) / (ranks + 1)))
+        r1.append(ranks[0] < 1)
+        r5.append(ranks[0] < 5)
+    return {"mAP": float(np.mean(aps)), "rank1": float(np.mean(r1)), "rank5": float(np.mean(r5))}
+
+
+@torch.no_grad()
+def _extract(backend, urls: list[str], params: Params, info: DistInfo) -> dict[str, np.ndarray]:
+    """Features of this rank's share of ``urls`` (shards r, r+w, ...), gathered from all ranks."""
+    cfg = params.reid
+    mine = urls[info.rank::info.world_size]
+    parts: dict[str, list] = {"global": [], "local": [], "vis": [], "vids": [], "cams": []}
+    if mine:
+        pipe = eval_pipeline(mine, 0, 1, map_fn=EvalTransform(tuple(cfg.image_size)))
+        loader = torch.utils.data.DataLoader(pipe, batch_size=VAL_BATCH, collate_fn=collate,
+                                             num_workers=min(cfg.num_workers, len(mine)))
+        for batch in loader:
+            images = normalize_images(batch["images"].to(info.device), cfg.channels_last)
+            out = backend.forward(images.to(backend.input_dtype), batch["masks"].to(info.device))
+            parts["global"].append(out["neck"].float().cpu())
+            parts["local"].append(out["local"].float().cpu())
+            parts["vis"].append(out["visibility"].float().cpu())
+            parts["vids"].append(batch["vids"])
+            parts["cams"].append(batch["cameras"])
+    local = {k: torch.cat(v).numpy() if v else None for k, v in parts.items()}
+    gathered = [local]
+    if info.distributed:
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, local)
+    return {k: np.concatenate([g[k] for g in gathered if g[k] is not None]) for k in local}
+
+
+def validate(backend, data_dir: Path, params: Params, info: DistInfo) -> dict[str, float]:
+    """Query vs gallery metrics of the current model (every rank gets the same numbers)."""
+    splits = read_manifest(data_dir)["splits"]
+    if "query" not in splits or "gallery" not in splits:
+        return {}  # e.g. VehicleID: the evaluate stage draws its galleries
+    backend.sync_buffers()
+    backend.eval()
+    q = _extract(backend, shard_urls(data_dir, "query"), params, info)
+    g = _extract(backend, shard_urls(data_dir, "gallery"), params, info)
+    backend.train()
+    variant = params.reid.variant
+    qt, gt = (torch.from_numpy(x["global"]) for x in (q, g))
+    d_g = euclidean(qt, gt)
+    d_l = torch.cat([pairwise_local_distance(torch.from_numpy(q["local"][i:i + 256]),
+                                             torch.from_numpy(q["vis"][i:i + 256]),
+                                             torch.from_numpy(g["local"]), torch.from_numpy(g["vis"]),
+                                             variant)[0]
+                     for i in range(0, len(qt), 256)])
+    full = _rank_metrics(d_g + inference_local_term(d_l, variant), q["vids"], g["vids"], q["cams"], g["cams"])
+    glob = _rank_metrics(d_g, q["vids"], g["vids"], q["cams"], g["cams"])
+    return {"val_mAP": full["mAP"], "val_rank1": full["rank1"], "val_rank5": full["rank5"],
+            "val_mAP_global": glob["mAP"], "val_rank1_global": glob["rank1"]}
+
+
+# --------------------------------------------------------------------------- training
+
+def train(params: Params, info: DistInfo, *, data_dir: str | Path | None = None,
+          out_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          on_checkpoint: Callable[[int, Path], None] | None = None,
+          run=None, progress: bool = True) -> TrainResult:
+    """Train PVEN; see the module docstring. Collective: every rank calls it.
+
+    data_dir / out_dir / checkpoint_dir default to ``masks.out_dir``, ``reid.out_dir``
+    and ``reid.checkpoint_dir``. ``on_checkpoint(step, folder)`` runs on every rank
+    after each complete checkpoint. ``run`` is a :class:`pipeline.tracking.StageRun`
+    (rank 0 logs through it) or None.
+    """
+    cfg = params.reid
+    data_dir = Path(data_dir or params.masks.out_dir)
+    out_dir = Path(out_dir or cfg.out_dir)
+    manifest = read_manifest(data_dir)
+    if cfg.pk_buffer < cfg.P * cfg.K:
+        raise ValueError(f"reid.pk_buffer={cfg.pk_buffer} must hold one batch: >= P*K = {cfg.P * cfg.K}")
+    n_ids = manifest["splits"]["train"]["identities"]
+    if n_ids < cfg.P:
+        raise ValueError(f"reid.P={cfg.P} identities per batch, but {data_dir} has only {n_ids} training identities")
+
+    class_vids = training_identities(data_dir, info)
+    class_of = {v: i for i, v in enumerate(class_vids)}
+    _seed_everything(params.seed)  # the same initial weights on every rank
+    model = build_model(cfg, len(class_vids))
+    steps_per_epoch, total_steps = cfg.batches_per_epoch, cfg.epochs * cfg.batches_per_epoch
+    backend = make_backend(cfg.backend, model, info, BackendOptions(
+        lr=cfg.lr, weight_decay=cfg.weight_decay,
+        lr_lambda=WarmupCosine(cfg.warmup_epochs * steps_per_epoch, total_steps),
+        micro_batch=cfg.P * cfg.K, precision=cfg.precision, channels_last=cfg.channels_last,
+        sync_bn=cfg.sync_bn, deepspeed_config=cfg.deepspeed_config))
+    try:
+        return _train_loop(params, info, backend, data_dir, out_dir,
+                           Path(checkpoint_dir or cfg.checkpoint_dir), class_vids, class_of,
+                           on_epoch, on_checkpoint, run, progress)
+    finally:
+        backend.close()
+
+
+def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_vids, class_of,
+                on_epoch, on_checkpoint, run, progress) -> TrainResult:
+    from tqdm import tqdm
+
+    cfg = params.reid
+    ckpt = CheckpointManager(checkpoint_dir, info, fingerprint(params, data_dir, info.world_size))
+    state = ckpt.load(backend) or {"epoch": 0, "batch": 0, "history": [], "steps": []}
+    epoch, skip = state["epoch"], state["batch"]
+    history, step_rows = state["history"], state["steps"]
+    global_step = epoch * cfg.batches_per_epoch + skip
+    resumed_from = global_step if state.get("step") is not None else None
+    if resumed_from is not None and info.is_main:
+        print(f"train_reid: resuming from {ckpt.latest_dir} (epoch {epoch}, batch {skip}, step {global_step})")
+
+    stream = TrainStream(shard_urls(data_dir, "train"), batch_size=cfg.P * cfg.K,
+                         batches_per_epoch=cfg.batches_per_epoch, seed=params.seed, rank=info.rank,
+                         num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, map_fn=read_vid,
+                         batch_fn=PKBatcher(cfg.P, cfg.K, params.seed,
+                                            TrainTransform(tuple(cfg.image_size), cfg.pad, cfg.erase_prob),
+                                            max_buffered=cfg.pk_buffer),
+                         collate_fn=collate)
+    lookup = torch.full((max(class_vids) + 1,), -1, dtype=torch.int64)
+    lookup[torch.tensor(class_vids)] = torch.arange(len(class_vids))
+
+    def save(epoch_now: int, batch_now: int) -> None:
+        folder = ckpt.save(global_step, backend, {"epoch": epoch_now, "batch": batch_now,
+                                                  "history": history, "steps": step_rows})
+        if on_checkpoint is not None:
+            on_checkpoint(global_step, folder)
+
+    backend.train()
+    while epoch < cfg.epochs:
+        bar = tqdm(total=cfg.batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (progress and info.is_main), leave=False, mininterval=2.0)
+        counted, data_wait, started = 0, 0.0, time.perf_counter()
+        waited_from = time.perf_counter()
+        for b, batch in enumerate(stream.epoch(epoch)):
+            if b < skip:  # already trained on before the restart; the stream repeats it exactly
+                waited_from = time.perf_counter()
+                started = waited_from
+                continue
+            data_wait += time.perf_counter() - waited_from
+            vids = batch["vids"]
+            if int(vids.max()) >= len(lookup) or bool((lookup[vids] < 0).any()):
+                raise ValueError(f"batch holds vids {sorted(set(vids.tolist()) - set(class_vids))} "
+                                 f"that are not training identities of {data_dir}")
+            labels = lookup[vids].to(info.device)
+            images = normalize_images(batch["images"].to(info.device, non_blocking=True), cfg.channels_last)
+            out = backend.forward(images.to(backend.input_dtype), batch["masks"].to(info.device))
+            losses = pven_loss(out, labels, cfg.loss, cfg.variant)
+            row = _finite_or_stop(losses, info, ckpt, epoch, global_step)
+            backend.step(losses["loss"])
+            global_step += 1
+            counted += 1
+            step_rows.append({"step": global_step, "epoch": epoch + 1, **{k: round(v, 6) for k, v in row.items()},
+                              "lr": backend.lr})
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if run is not None and global_step % LOG_EVERY == 0:
+                run.log_metrics({f"train_{k}": v for k, v in row.items()} | {"lr": backend.lr}, step=global_step)
+            if global_step % cfg.checkpoint_every == 0 and b + 1 < cfg.batches_per_epoch:
+                t0 = time.perf_counter()
+                save(epoch, b + 1)
+                started += time.perf_counter() - t0  # checkpoint time is not training time
+            waited_from = time.perf_counter()
+        bar.close()
+        seconds = time.perf_counter() - started
+        epoch += 1
+        skip = 0
+        # Means over the epoch's step rows: after a mid-epoch resume they include the steps
+        # trained before the restart (kept in the checkpoint).
+        rows = [r for r in step_rows if r["epoch"] == epoch]
+        record = {"epoch": epoch, "step": global_step,
+                  **{k: float(np.mean([r[k] for r in rows])) for k in LOSS_NAMES},
+                  "lr": backend.lr, "epoch_s": round(seconds, 3), "data_wait_s": round(data_wait, 3),
+                  "images_per_s": round(counted * cfg.P * cfg.K * info.world_size / max(seconds, 1e-9), 2)}
+        if cfg.val_every and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+            t0 = time.perf_counter()
+            record.update(validate(backend, data_dir, params, info))
+            record["val_s"] = round(time.perf_counter() - t0, 3)
+        history.append(record)
+        save(epoch, 0)
+        if run is not None:
+            run.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=global_step)
+        if info.is_main and progress:
+            print("train_reid: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in record.items()), flush=True)
+        if on_epoch is not None:
+            on_epoch(dict(record))
+
+    result = TrainResult(history=history, steps=step_rows, global_step=global_step,
+                         num_classes=len(class_vids), resumed_from=resumed_from, model=backend.module)
+    weights = backend.export_state_dict()
+    if info.is_main:
+        result.model_path = save_model(out_dir, backend.module, weights, class_vids, cfg)
+    barrier(info)
+    result.summary = summarize(history, step_rows)
+    return result
+
+
+def _finite_or_stop(losses: dict, info: DistInfo, ckpt: CheckpointManager, epoch: int, step: int) -> dict:
+    """The step's loss values as floats; :class:`NonFiniteLossError` on every rank if any rank has NaN/inf."""
+    values = torch.stack([losses[k].detach().float() for k in LOSS_NAMES])
+    bad = (~torch.isfinite(values)).any().float()
+    if info.distributed:  # every rank stops together: none is left waiting in the backward
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    row = dict(zip(LOSS_NAMES, values.tolist()))
+    if bad.item():
+        where = ckpt.latest_dir
+        raise NonFiniteLossError(
+            f"train_reid: non-finite loss at epoch {epoch + 1}, step {step + 1} (this rank: {row}); stopped. "
+            f"Last good checkpoint: {where if where else 'none (no checkpoint written yet)'}. "
+            f"Try a lower reid.lr or reid.precision=fp32.")
+    return row
+
+
+def save_model(out_dir: Path, module, weights: dict, class_vids: list[int], cfg) -> Path:
+    """Write ``model.pt`` (see model.model_payload) and a readable ``model.json`` beside it."""
+    payload = model_payload(module, weights, class_vids, cfg.variant, cfg.image_size)
+    path = torch_save_atomic(payload, Path(out_dir) / MODEL_FILE)
+    atomic.write_json(Path(out_dir) / "model.json", {k: v for k, v in payload.items() if k != "state_dict"})
+    return path
+
+
+def summarize(history: list[dict], steps: list[dict]) -> dict[str, Any]:
+    """The numbers of metrics/train.json: first and last losses, last validation, best mAP, speed."""
+    if not history:
+        return {}
+    last = history[-1]
+    first_steps = steps[:min(10, len(steps))]
+    summary = {"epochs": last["epoch"], "steps": last["step"],
+               "loss_first10": float(np.mean([s["loss"] for s in first_steps])) if first_steps else None,
+               **{f"final_{k}": last[k] for k in ("loss", "id", "gtri", "ltri")},
+               "images_per_s": float(np.median([h["images_per_s"] for h in history])),
+               "train_s": round(sum(h["epoch_s"] for h in history), 2)}
+    vals = [h for h in history if "val_mAP" in h]
+    if vals:
+        summary.update({k: vals[-1][k] for k in vals[-1] if k.startswith("val_") and k != "val_s"})
+        summary["best_val_mAP"] = max(h["val_mAP"] for h in vals)
+    return summary

@@ -1,0 +1,85 @@
+"""The evaluate stage for real: embeddings from masked shards (1 and 2 ranks), metrics, CMC, pictures.
+
+A randomly initialised PVEN stands in for a trained one (the stage's job is to score
+whatever model it is given); the synthetic set's shards carry a mask for every
+query/gallery image, so they serve as the masked shards here.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY, free_port, stage_env, write_project
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = write_project(tmp_path_factory.mktemp("eval") / "project",
+                            overrides=[*TINY, "masks.out_dir=data/shards", "eval.grid_queries=3"])
+    for stage in ("synth", "shard"):
+        run([sys.executable, f"stages/{stage}.py"], project)
+    from pipeline.reid.model import PVEN, model_payload
+    torch.manual_seed(0)
+    model = PVEN(6, backbone="resnet18")
+    (project / "models/reid").mkdir(parents=True)
+    torch.save(model_payload(model, model.state_dict(), list(range(1, 7)), "paper", (64, 64)),
+               project / "models/reid/model.pt")
+    return project
+
+
+def run(cmd, cwd: Path, **env) -> None:
+    done = subprocess.run(cmd, cwd=cwd, env=stage_env(**env), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def test_evaluate_writes_metrics_cmc_embeddings_and_pictures(project):
+    run([sys.executable, "stages/evaluate.py"], project)
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    assert set(metrics) >= {"global", "local", "pven", "protocol", "variant"}
+    manifest = json.loads((project / "data/shards/manifest.json").read_text())
+    n_query = manifest["splits"]["query"]["samples"]
+    n_gallery = manifest["splits"]["gallery"]["samples"]
+    for mode in ("global", "local", "pven"):
+        m = metrics[mode]
+        assert 0.0 < m["mAP"] <= 1.0 and m["num_queries"] + m["num_skipped"] == n_query
+        assert m["rank1"] <= m["rank5"] <= m["rank10"]
+    cmc = (project / "plots/cmc.csv").read_text().splitlines()
+    assert cmc[0] == "rank,global,local,pven" and len(cmc) > 1
+    q = {name: np.load(project / "embeddings/query" / f"{name}.npy") for name in ("global", "local", "visibility", "ids")}
+    assert q["global"].shape == (n_query, 512) and q["local"].shape == (n_query, 4, 512)
+    assert q["visibility"].shape == (n_query, 4) and (q["visibility"] >= 0).all()
+    assert np.load(project / "embeddings/gallery/ids.npy").shape == (n_gallery,)
+    keys = (project / "embeddings/query/keys.txt").read_text().split()
+    assert len(keys) == n_query
+    for name in ("first", "worst"):
+        from PIL import Image
+        assert Image.open(project / f"reports/ranked_{name}.png").size[0] > 500
+
+
+@pytest.mark.distributed
+def test_two_ranks_embed_the_same_arrays_in_the_same_order(project):
+    run([sys.executable, "stages/evaluate.py"], project)
+    single = {n: np.load(project / "embeddings/gallery" / f"{n}.npy") for n in ("global", "local", "ids", "cams")}
+    single_keys = (project / "embeddings/gallery/keys.txt").read_text()
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "stages/evaluate.py"], project)
+    for name, array in single.items():
+        np.testing.assert_allclose(np.load(project / "embeddings/gallery" / f"{name}.npy"), array, rtol=0, atol=1e-5)
+    assert (project / "embeddings/gallery/keys.txt").read_text() == single_keys
+    assert not list((project / "embeddings").glob(".*")), "no staging folders left"
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    other = write_project(tmp_path / "other", overrides=["reid.out_dir=models/none"])
+    done = subprocess.run([sys.executable, "stages/evaluate.py"], cwd=other, capture_output=True, text=True,
+                          env=stage_env(), timeout=300)
+    assert done.returncode != 0
+    assert "models/none/model.pt: no ReID model file (run the train_reid stage first)" in done.stderr

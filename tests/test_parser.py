@@ -1,0 +1,131 @@
+"""Parser library: loss weights, IoU math, checkpoints, local encoder weights, aligned augmentation, data split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.parsing.data import Augment, ParsingDataset, annotated_subset, augment
+from pipeline.parsing.model import (CheckpointError, build_parser, load_checkpoint, save_checkpoint,
+                                    to_input)
+from pipeline.parsing.train import class_weights, confusion_matrix, iou_scores, pixel_counts, train_parser
+from pipeline.viz import LABEL_COLOURS
+
+TINY_ENCODER = "tu-mobilenetv3_small_050"  # 2.2 M parameters: builds and runs in a blink
+
+
+def test_balanced_weights_are_inverse_pixel_frequency():
+    # 8 pixels: background 4, front 2, side 2; back and top absent.
+    mask = np.array([[0, 0, 0, 0], [1, 1, 3, 3]], np.uint8)
+    counts = pixel_counts([mask])
+    assert counts.tolist() == [4, 2, 0, 2, 0]
+    w = class_weights(counts)
+    # 1/f = 2, 4, -, 4, -; scaled so the 3 present classes average 1: 2*3/10, 4*3/10.
+    np.testing.assert_allclose(w, [0.6, 1.2, 0.0, 1.2, 0.0], rtol=1e-6)
+    assert w[1] / w[0] == pytest.approx(2.0)  # half as frequent -> twice the weight
+    with pytest.raises(ValueError, match="label 7"):
+        pixel_counts([np.array([[7]], np.uint8)])
+
+
+def test_iou_and_miou_on_a_hand_computed_case():
+    pred = np.array([[0, 0, 1], [1, 2, 2]])
+    truth = np.array([[0, 1, 1], [1, 2, 0]])
+    conf = confusion_matrix(pred, truth)
+    assert conf[:3, :3].tolist() == [[1, 0, 1], [1, 2, 0], [0, 0, 1]]  # rows truth, columns prediction
+    scores = iou_scores(conf)
+    # IoU_c = TP / (pred_c + true_c - TP): 1/(2+2-1), 2/(2+3-2), 1/(2+1-1); 3 and 4 absent from both.
+    assert scores["iou"][:3] == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert scores["iou"][3] is None and scores["iou"][4] is None
+    assert scores["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert scores["pixel_acc"] == pytest.approx(4 / 6)
+    # A class in the truth but never predicted scores 0 and counts in the mean.
+    missed = iou_scores(confusion_matrix(np.array([0, 0]), np.array([0, 4])))
+    assert missed["iou"][4] == 0.0 and missed["miou"] == pytest.approx((1 / 2 + 0) / 2)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = build_parser(TINY_ENCODER).eval()
+    x = to_input(np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8))
+    config = {"encoder": TINY_ENCODER, "image_size": 64, "classes": 5}
+    save_checkpoint(tmp_path / "parser.pt", model, config, {"epoch": 3})
+    raw = torch.load(tmp_path / "parser.pt", weights_only=True)  # plain data only, no pickled module
+    assert set(raw) == {"state_dict", "config", "meta"} and raw["config"] == config
+    loaded, cfg, meta = load_checkpoint(tmp_path / "parser.pt")
+    assert cfg == config and meta == {"epoch": 3} and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    with pytest.raises(CheckpointError, match="run the train_parser stage"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_local_encoder_weights_load_through_params_and_missing_file_is_clear(tmp_path, tiny_params):
+    torch.manual_seed(1)
+    source = build_parser(TINY_ENCODER)
+    state = dict(source.encoder.state_dict())
+    state["classifier.weight"] = torch.zeros(3)  # an ImageNet classifier's head: ignored
+    torch.save(state, tmp_path / "encoder.pt")
+    torch.manual_seed(2)
+    model = build_parser(TINY_ENCODER, encoder_weights=tmp_path / "encoder.pt")
+    for name, tensor in source.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], tensor), name
+
+    # The params path: train_parser builds its model from parser.encoder_weights.
+    from pipeline.config import params_from_dict
+    cfg = params_from_dict(tiny_params.to_dict(), [f"parser.encoder_weights={tmp_path / 'nope.pt'}",
+                                                   f"parser.encoder={TINY_ENCODER}"]).parser
+    with pytest.raises(CheckpointError, match=r"nope\.pt not found"):
+        train_parser(cfg, [], [], 0, tmp_path / "out")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="lacks .* encoder tensors"):
+        build_parser(TINY_ENCODER, encoder_weights=tmp_path / "other.pt")
+
+
+def _blocks(size=64) -> np.ndarray:
+    """A label map of large blocks of every class (few boundary pixels)."""
+    mask = np.zeros((size, size), np.uint8)
+    q = size // 4
+    mask[q:2 * q, q:3 * q] = 1
+    mask[2 * q:3 * q, q:2 * q] = 2
+    mask[2 * q:3 * q, 2 * q:3 * q] = 3
+    mask[q // 2:q, q:3 * q] = 4
+    return mask
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    mask = _blocks()
+    image = LABEL_COLOURS[mask]  # each pixel's colour names its label
+    aug = Augment(scale=(0.7, 1.3), shift=0.15, jitter=0.0, flip=0.5)
+    for seed in range(6):
+        img2, mask2 = augment(image, mask, np.random.default_rng(seed), aug)
+        assert img2.shape == image.shape and mask2.shape == mask.shape and mask2.dtype == np.uint8
+        assert set(np.unique(mask2)) <= set(range(5)), "nearest resampling: no blended labels"
+        # Where the image shows a pure label colour (not a bilinear blend at an edge), the
+        # mask must hold that label.
+        dist = np.abs(img2[:, :, None, :].astype(int) - LABEL_COLOURS[None, None].astype(int)).sum(-1)
+        pure = dist.min(-1) == 0
+        agree = (dist.argmin(-1) == mask2)[pure].mean()
+        assert pure.mean() > 0.8 and agree > 0.98, (seed, pure.mean(), agree)
+    # Colour jitter changes the image only: the same draws give the same mask.
+    jittered = augment(image, mask, np.random.default_rng(3), Augment(scale=(0.7, 1.3), shift=0.15, jitter=0.5))
+    plain = augment(image, mask, np.random.default_rng(3), aug)
+    assert np.array_equal(jittered[1], plain[1]) and not np.array_equal(jittered[0], plain[0])
+    # A certain flip with no zoom/shift is an exact mirror of both.
+    flipped = augment(image, mask, np.random.default_rng(0), Augment(scale=(1, 1), shift=0, jitter=0, flip=1))
+    assert np.array_equal(flipped[0], image[:, ::-1]) and np.array_equal(flipped[1], mask[:, ::-1])
+
+
+def test_dataset_items_are_reproducible_per_epoch(tmp_path):
+    from tests.test_shards import make_records
+    from pipeline.data.shards import ShardOptions, write_shards
+    write_shards(make_records(tmp_path / "raw", size=(48, 40)), tmp_path / "s",
+                 ShardOptions(samples_per_shard=6, min_shards=2), seed=0)
+    train, val = annotated_subset(tmp_path / "s", val_fraction=0.3, seed=0)
+    assert len(train) + len(val) == 10 and {s.vid for s in train}.isdisjoint({s.vid for s in val})
+    assert (train, val) == annotated_subset(tmp_path / "s", val_fraction=0.3, seed=0)
+    ds = ParsingDataset(train, 32, Augment(), seed=5)
+    image, labels = ds[0]
+    assert image.shape == (32, 32, 3) and image.dtype == torch.uint8 and labels.shape == (32, 32)
+    assert torch.equal(ds[0][0], image)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0][0], image), "a new epoch draws new augmentations"
