@@ -3,7 +3,6 @@
     dvc repro train_reid
     torchrun --standalone --nproc_per_node 1 stages/train_reid.py       # by hand, CPU or 1 GPU
     torchrun --standalone --nproc_per_node 4 stages/train_reid.py       # 4 GPUs (nccl) / processes (gloo)
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
     torchrun --standalone --nproc_per_node 2 --max-restarts 3 stages/train_reid.py   # restarts resume
     python stages/train_reid.py                                          # one plain process
 
@@ -11,9 +10,8 @@ Reads params ``seed``, ``masks.out_dir`` (the data) and ``reid`` (``reid.backend
 ddp | deepspeed with ``reid.deepspeed_config``). Writes ``reid.out_dir/model.pt`` (+
 model.json), ``metrics/train.json``, ``plots/train_loss.csv``; resumable checkpoints
 go to ``reid.checkpoint_dir`` (kept between runs, so a killed or requeued run
-continues; a changed config starts over; with torch 2.14 a ``--max-restarts`` restart
-needs ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, else restarted workers may read the dead
-attempt's rendezvous keys, pytorch#135712). Multi-node: run the same torchrun on every
+continues; a changed config starts over; each restart attempt joins the process group
+under its own store prefix, see pipeline/dist/env.py). Multi-node: run the same torchrun on every
 node with ``--nnodes N --rdzv_backend c10d --rdzv_endpoint HOST:PORT`` (or srun, see
 cluster/); the checkpoint folder must be on shared storage.
 """

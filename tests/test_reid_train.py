@@ -77,7 +77,6 @@ def test_ddp_two_ranks_hold_identical_weights(ddp_run):
 
 # torchrun shares its rendezvous TCPStore with the workers, and restarted workers can read the
 # dead attempt's keys (pytorch#135712): the documented opt-out avoids it for --max-restarts.
-RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @pytest.mark.distributed
@@ -89,7 +88,7 @@ def test_deepspeed_matches_ddp_step_by_step(shards, tmp_path, ddp_run, zero):
     kill = ["--kill-at", "3"] if zero == 1 else []
     ds = torchrun(shards, tmp_path / f"zero{zero}", "reid.backend=deepspeed",
                   f"reid.deepspeed_config=cluster/deepspeed/zero{zero}.json", *kill,
-                  restarts=1 if kill else 0, **(RESTART_ENV if kill else {}))
+                  restarts=1 if kill else 0)
     assert ds["resumed_from"] == (3 if kill else None)
     assert ds["ranks"][0]["params"] == ds["ranks"][1]["params"]
     # Same data, same fp32 Adam, gradients averaged over 2 ranks either way. On CPU they
@@ -102,7 +101,7 @@ def test_deepspeed_matches_ddp_step_by_step(shards, tmp_path, ddp_run, zero):
 def test_killed_mid_epoch_resumes_to_the_same_weights(shards, tmp_path, ddp_run):
     # Rank 0 SIGKILLs itself right after the step-3 checkpoint (epoch 1 of 5 steps: mid-epoch);
     # torchrun restarts both ranks, which resume from it.
-    resumed = torchrun(shards, tmp_path / "killed", "--kill-at", "3", restarts=1, **RESTART_ENV)
+    resumed = torchrun(shards, tmp_path / "killed", "--kill-at", "3", restarts=1)
     assert resumed["resumed_from"] == 3
     assert "resuming from" in resumed["log"] and "step-00000003" in resumed["log"]
     assert [r["params"] for r in resumed["ranks"]] == [r["params"] for r in ddp_run["ranks"]], \
