@@ -64,13 +64,13 @@ class SynthConfig:
     that get a parsing label PNG (every test image gets one, to score the parser).
     """
     out_dir: str = "data/synthetic"
-    train_ids: int = _bounded(60, ge=2)
+    train_ids: int = _bounded(150, ge=2)
     test_ids: int = _bounded(30, ge=2)
     cameras: int = _bounded(8, ge=2, le=999)
     cameras_per_id: tuple[int, int] = _bounded((3, 5), ge=2)
     images_per_camera: tuple[int, int] = _bounded((2, 3), ge=1)
     image_size: int = _bounded(128, ge=32, le=1024)
-    label_fraction: float = _bounded(0.5, ge=0.0, le=1.0)
+    label_fraction: float = _bounded(1.0, ge=0.0, le=1.0)
     jpeg_quality: int = _bounded(92, ge=1, le=100)
     workers: int = _bounded(2, ge=1)
 
@@ -108,22 +108,26 @@ class ParserConfig:
     autocasts training forward passes. Augmentation: ``scale`` [min, max] zoom,
     ``shift`` max translation (fraction of the side), ``jitter`` max relative
     brightness/contrast/saturation change (image only), ``flip`` horizontal flip probability.
+    ``prior_correction`` stores ``-log w_c`` (w the balanced-CE weights) in the checkpoint,
+    added to the logits before the argmax at inference: balanced CE pushes uncertain
+    pixels toward rare parts; this undoes it for the label maps (training is unchanged).
     """
     out_dir: str = "models/parser"
     encoder: str = "resnet18"
     encoder_weights: str | None = None
-    image_size: int = _bounded(96, ge=32, le=1024)
-    epochs: int = _bounded(12, ge=1)
-    batch_size: int = _bounded(16, ge=1)
-    lr: float = _bounded(1e-3, gt=0.0)
+    image_size: int = _bounded(64, ge=32, le=1024)
+    epochs: int = _bounded(20, ge=1)
+    batch_size: int = _bounded(32, ge=1)
+    lr: float = _bounded(4e-3, gt=0.0)
     weight_decay: float = _bounded(1e-4, ge=0.0)
     val_fraction: float = _bounded(0.16, gt=0.0, lt=1.0)
     num_workers: int = _bounded(1, ge=0)
     precision: Literal["fp32", "bf16"] = "bf16"
-    scale: tuple[float, float] = _bounded((0.85, 1.15), gt=0.0)
-    shift: float = _bounded(0.08, ge=0.0, lt=0.5)
-    jitter: float = _bounded(0.25, ge=0.0, lt=1.0)
+    scale: tuple[float, float] = _bounded((0.9, 1.1), gt=0.0)
+    shift: float = _bounded(0.04, ge=0.0, lt=0.5)
+    jitter: float = _bounded(0.1, ge=0.0, lt=1.0)
     flip: float = _bounded(0.5, ge=0.0, le=1.0)
+    prior_correction: bool = True
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pipeline import atomic
 from pipeline.config import load_params
 from pipeline.data.records import VIEW_NAMES
 from pipeline.parsing.data import annotated_subset, decode_pair
-from pipeline.parsing.model import CHECKPOINT, load_checkpoint
+from pipeline.parsing.model import CHECKPOINT, load_checkpoint, logit_bias
 from pipeline.parsing.predict import predict_labels
 from pipeline.parsing.report import overlay_sheet, save_png
 from pipeline.parsing.train import train_parser
@@ -54,7 +54,7 @@ def main() -> None:
         run.log_metrics(metrics)
         model, config, _ = load_checkpoint(Path(cfg.out_dir) / CHECKPOINT)
         pairs = [decode_pair(s) for s in val[:8]]
-        preds = predict_labels(model, [im for im, _ in pairs], config["image_size"])
+        preds = predict_labels(model, [im for im, _ in pairs], config["image_size"], bias=logit_bias(config))
         save_png(OVERLAYS, overlay_sheet([(im, [gt, p]) for (im, gt), p in zip(pairs, preds)]))
         for path in (METRICS, OVERLAYS, PLOTS / "loss.csv", PLOTS / "miou.csv"):
             run.log_artifact(path)

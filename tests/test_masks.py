@@ -90,6 +90,17 @@ def test_corrupt_image_is_skipped_and_listed(tmp_path):
     assert Image.open(io.BytesIO(sample["mask.png"])).size == (20, 16)  # masks.mask_size = [16, 20]
 
 
+def test_checkpoint_logit_bias_is_applied(tmp_path):
+    shards, _ = make_inputs(tmp_path)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "biased.pt", build_parser(TINY_ENCODER),
+                           {"encoder": TINY_ENCODER, "image_size": 32, "classes": 5,
+                            "logit_bias": [-1e4, -1e4, 1e4, -1e4, -1e4]})
+    write_masked_shards(shards, tmp_path / "masked", ckpt)
+    sample = raw_samples(str(tmp_path / "masked" / "query-000000.tar"))[0]
+    assert np.unique(np.array(Image.open(io.BytesIO(sample["mask.png"])))).tolist() == [2]
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     shards, _ = make_inputs(tmp_path)
     with pytest.raises(Exception, match="no parser checkpoint"):

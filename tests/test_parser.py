@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.parsing.data import Augment, ParsingDataset, annotated_subset, augment
+from pipeline.parsing.data import Augment, ParsingDataset, annotated_subset, augment, soft_labels
 from pipeline.parsing.model import (CheckpointError, build_parser, load_checkpoint, save_checkpoint,
                                     to_input)
-from pipeline.parsing.train import class_weights, confusion_matrix, iou_scores, pixel_counts, train_parser
+from pipeline.parsing.train import (class_weights, confusion_matrix, iou_scores, pixel_counts, prior_bias,
+                                    train_parser)
 from pipeline.viz import LABEL_COLOURS
 
 TINY_ENCODER = "tu-mobilenetv3_small_050"  # 2.2 M parameters: builds and runs in a blink
@@ -25,6 +26,12 @@ def test_balanced_weights_are_inverse_pixel_frequency():
     assert w[1] / w[0] == pytest.approx(2.0)  # half as frequent -> twice the weight
     with pytest.raises(ValueError, match="label 7"):
         pixel_counts([np.array([[7]], np.uint8)])
+    # Inference bias -log w: a pixel the weighted network calls 'front' only because front
+    # weighs 2x background goes back to background.
+    bias = prior_bias(w)
+    np.testing.assert_allclose(bias, [-np.log(0.6), -np.log(1.2), 0.0, -np.log(1.2), 0.0], rtol=1e-6)
+    logits = np.log(np.array([0.3, 0.5, 1e-3, 0.1, 1e-3]))  # weighted softmax favours front (0.5 vs 0.3)
+    assert logits.argmax() == 1 and (logits + bias).argmax() == 0  # 0.3/0.6 > 0.5/1.2
 
 
 def test_iou_and_miou_on_a_hand_computed_case():
@@ -115,6 +122,16 @@ def test_augmentation_keeps_image_and_mask_aligned():
     assert np.array_equal(flipped[0], image[:, ::-1]) and np.array_equal(flipped[1], mask[:, ::-1])
 
 
+def test_soft_labels_are_area_shares():
+    labels = np.array([[0, 0, 1, 1], [0, 0, 1, 3], [2, 2, 4, 4], [2, 4, 4, 4]], np.uint8)
+    soft = soft_labels(labels, 2)
+    assert soft.shape == (5, 2, 2)
+    assert soft[:, 0, 0].tolist() == [1, 0, 0, 0, 0]
+    assert soft[:, 0, 1].tolist() == [0, 0.75, 0, 0.25, 0]
+    assert soft[:, 1, 0].tolist() == [0, 0, 0.75, 0, 0.25]
+    assert np.array_equal(soft_labels(labels, 4).argmax(0).numpy(), labels), "same size: one-hot"
+
+
 def test_dataset_items_are_reproducible_per_epoch(tmp_path):
     from tests.test_shards import make_records
     from pipeline.data.shards import ShardOptions, write_shards
@@ -125,7 +142,8 @@ def test_dataset_items_are_reproducible_per_epoch(tmp_path):
     assert (train, val) == annotated_subset(tmp_path / "s", val_fraction=0.3, seed=0)
     ds = ParsingDataset(train, 32, Augment(), seed=5)
     image, labels = ds[0]
-    assert image.shape == (32, 32, 3) and image.dtype == torch.uint8 and labels.shape == (32, 32)
+    assert image.shape == (32, 32, 3) and image.dtype == torch.uint8 and labels.shape == (5, 32, 32)
+    torch.testing.assert_close(labels.sum(0), torch.ones(32, 32))  # class shares per pixel
     assert torch.equal(ds[0][0], image)
     ds.set_epoch(1)
     assert not torch.equal(ds[0][0], image), "a new epoch draws new augmentations"

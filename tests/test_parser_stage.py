@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -40,7 +41,10 @@ def test_train_parser_stage_writes_checkpoint_metrics_plots_and_logs(tmp_path):
     assert (project / "reports/parser_val_overlays.png").stat().st_size > 0
 
     raw = torch.load(project / "models/parser/parser.pt", weights_only=True)
+    bias = raw["config"].pop("logit_bias")  # parser.prior_correction (default on): -log of the CE weights
     assert raw["config"] == {"encoder": TINY_ENCODER, "image_size": 32, "classes": 5}
+    assert bias == pytest.approx([-math.log(weights[n]) for n in ("background", "front", "back", "side", "top")],
+                                 rel=1e-4)
     assert raw["meta"]["epoch"] == metrics["best_epoch"]
     load_checkpoint(project / "models/parser/parser.pt")
 

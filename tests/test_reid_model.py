@@ -9,7 +9,7 @@ import torchvision
 
 from pipeline.config import LossConfig
 from pipeline.dist.checkpoint import torch_save_atomic
-from pipeline.reid.distance import euclidean, inference_local_term, pairwise_local_distance
+from pipeline.reid.distance import euclidean, pairwise_local_distance
 from pipeline.reid.losses import batch_hard_triplet, id_loss, pven_loss
 from pipeline.reid.model import (PVEN, PretrainedError, load_model, mask_average_pool, masks_to_parts,
                                  model_payload)
@@ -42,13 +42,12 @@ def test_local_distance_official_by_hand():
     d, common = pairwise_local_distance(FEATS, VIS, FEATS, VIS, "official")
     assert common.all(), "v + 1: every pair has a common part"
     # Weights (v_p + 1)(v_q + 1) = front 3*2, back 1*3, side 2*4, top 1*1 (sum 18). Unit features:
-    # p = [0, 0, (1,0), 0]; q = [(.6,.8), (s,s), (s,s), 0], s = 1/sqrt 2; distance = sqrt(|a-b|).
+    # p = [0, 0, (1,0), 0]; q = [(.6,.8), (s,s), (s,s), 0], s = 1/sqrt 2; Euclidean per part
+    # (front: zero vs unit vector -> 1; top: two zero vectors -> the sqrt floor, 1e-6).
     s = 1 / math.sqrt(2)
-    side = math.sqrt(math.hypot(1 - s, s))
+    side = math.hypot(1 - s, s)
     expected = (6 * 1.0 + 3 * 1.0 + 8 * side + 1 * 1e-6) / 18
     assert d[0, 1].item() == pytest.approx(expected, abs=1e-6)
-    assert inference_local_term(d, "official")[0, 1].item() == pytest.approx(0.5 * expected ** 2, abs=1e-6)
-    assert torch.equal(inference_local_term(d, "paper"), d)
 
 
 def test_losses_by_hand_for_three_images():

@@ -44,8 +44,8 @@ part distance ``w_p w_q ||x - y||``. Visibilities are rescaled per image to a ma
 of 1 first (the attention ``a_i`` is invariant to that), which keeps these products
 far from float32 overflow.
 
-:func:`pven_distance_torch` is the differentiable twin for training losses (same
-formulas, plain torch ops, NaN-free gradients including at zero distance).
+:func:`pven_distance_torch` is the differentiable form (plain torch ops on
+:mod:`pipeline.reid.distance`, the training loss's implementation; NaN-free gradients).
 """
 from __future__ import annotations
 
@@ -668,27 +668,6 @@ def _pairs_torch(q: FeatureSet, a: torch.Tensor, g: FeatureSet, b: torch.Tensor,
 
 # --------------------------------------------------------------------------- torch / autograd
 
-class _SafeSqrt(torch.autograd.Function):
-    """sqrt(x) for x >= 0 whose gradient is 0 (not inf/NaN) where x == 0."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        y = torch.sqrt(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return torch.where(y > 0, grad / (2 * torch.where(y > 0, y, torch.ones_like(y))), torch.zeros_like(grad))
-
-
-def _sq_dist_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(n, m) squared Euclidean distances by GEMM, clamped at 0 (differentiable)."""
-    d = (x * x).sum(-1)[:, None] + (y * y).sum(-1)[None, :] - 2.0 * (x @ y.transpose(0, 1))
-    return d.clamp_min(0)
-
-
 def pven_distance_torch(q_global: torch.Tensor | None, q_parts: torch.Tensor | None, q_vis: torch.Tensor | None,
                         g_global: torch.Tensor | None = None, g_parts: torch.Tensor | None = None,
                         g_vis: torch.Tensor | None = None, spec: DistanceSpec = DistanceSpec()) -> torch.Tensor:
@@ -696,10 +675,12 @@ def pven_distance_torch(q_global: torch.Tensor | None, q_parts: torch.Tensor | N
 
     q_global (Nq, Cg), q_parts (Nq, 4, Cp), q_vis (Nq, 4); the ``g_*`` default to the
     query tensors (all pairs within one batch, as the batch-hard triplet losses need).
-    Same formulas as :func:`pven_distance`; gradients are finite everywhere, including
-    at zero distance (the square root's gradient is taken as 0 there) and for pairs
-    without a common visible part (D_l = 0 with zero gradient).
+    Same formulas as :func:`pven_distance`, built from the training loss's own
+    :mod:`pipeline.reid.distance` (one implementation of D_l): gradients are finite
+    everywhere, zero distances come out as ~1e-6 (the square root is floored there)
+    and pairs without a common visible part get D_l = 0.
     """
+    from pipeline.reid.distance import euclidean, local_distance, squared_euclidean
     if g_global is None and g_parts is None:
         g_global, g_parts, g_vis = q_global, q_parts, q_vis
     dg = None
@@ -709,28 +690,12 @@ def pven_distance_torch(q_global: torch.Tensor | None, q_parts: torch.Tensor | N
         qg, gg = q_global, g_global
         if spec.l2norm:
             qg, gg = F.normalize(qg, dim=-1, eps=_NORM_EPS), F.normalize(gg, dim=-1, eps=_NORM_EPS)
-        dg = _sq_dist_torch(qg, gg)
-        if not spec.squared:
-            dg = _SafeSqrt.apply(dg)
+        dg = squared_euclidean(qg, gg) if spec.squared else euclidean(qg, gg)
         if spec.mode == "global":
             return dg
     if q_parts is None or g_parts is None or q_vis is None or g_vis is None:
         raise ValueError(f"mode {spec.mode!r} needs part features and visibilities")
-    if q_parts.shape[1] != NUM_PARTS or g_parts.shape[1] != NUM_PARTS:
-        raise ValueError(f"part features must be (N, {NUM_PARTS}, C), got {tuple(q_parts.shape)} "
-                         f"and {tuple(g_parts.shape)}")
-    qv, gv = q_vis + spec.vis_offset, g_vis + spec.vis_offset
-    num = den = None
-    for i in range(NUM_PARTS):
-        qp, gp = q_parts[:, i], g_parts[:, i]
-        if spec.l2norm:
-            qp, gp = F.normalize(qp, dim=-1, eps=_NORM_EPS), F.normalize(gp, dim=-1, eps=_NORM_EPS)
-        w = qv[:, i, None] * gv[None, :, i]
-        term = w * _SafeSqrt.apply(_sq_dist_torch(qp, gp))
-        num = term if num is None else num + term
-        den = w if den is None else den + w
-    has = den > 0
-    dl = torch.where(has, num / torch.where(has, den, torch.ones_like(den)), torch.zeros_like(num))
+    dl, _ = local_distance(q_parts, q_vis, g_parts, g_vis, normalize=spec.l2norm, vis_offset=spec.vis_offset)
     if spec.mode == "local":
         return dl
     return dg + spec.lam_value * dl

@@ -10,7 +10,9 @@ Checkpoints are plain data, never a pickled module, so they load with
 
 ``config`` is all that is needed to rebuild the network (:func:`build_parser`); the
 masks stage takes ``image_size`` from it, not from params, so inference always runs
-at the size the parser was trained at.
+at the size the parser was trained at. An optional ``config["logit_bias"]`` (one float
+per class) is added to the logits before the argmax at inference (see
+:func:`pipeline.parsing.train.prior_bias`).
 
 Inputs are RGB images resized to ``image_size`` x ``image_size`` and normalised with
 the ImageNet mean/std (:func:`to_input`), the convention of smp's pretrained encoders,
@@ -95,6 +97,12 @@ def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     mean = torch.from_numpy(MEAN).view(1, 3, 1, 1)
     std = torch.from_numpy(STD).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+def logit_bias(config: dict[str, Any]) -> torch.Tensor | None:
+    """The checkpoint's per-class inference bias as a (C, 1, 1) tensor, or None."""
+    bias = config.get("logit_bias")
+    return None if bias is None else torch.tensor(bias, dtype=torch.float32).view(-1, 1, 1)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict[str, Any],

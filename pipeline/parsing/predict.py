@@ -36,7 +36,7 @@ from pipeline import atomic
 from pipeline.data.records import SPLITS, VIEW_NAMES
 from pipeline.data.shards import MANIFEST, read_manifest, write_tar
 from pipeline.parsing.data import resize_image, resize_labels
-from pipeline.parsing.model import NUM_CLASSES, load_checkpoint, to_input
+from pipeline.parsing.model import NUM_CLASSES, load_checkpoint, logit_bias, to_input
 from pipeline.parsing.train import confusion_matrix, iou_scores
 
 MASK_SOURCE = "parser"
@@ -49,9 +49,11 @@ class ShardReadError(RuntimeError):
 # --------------------------------------------------------------------------- inference
 
 @torch.no_grad()
-def forward(model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 batch (B, S, S, 3) -> float32 logits (B, C, S, S) on the CPU."""
-    return model(to_input(images).to(device)).float().cpu()
+def forward(model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 batch (B, S, S, 3) -> float32 logits (B, C, S, S) on the CPU, plus ``bias`` (C, 1, 1) if given."""
+    logits = model(to_input(images).to(device)).float().cpu()
+    return logits if bias is None else logits + bias
 
 
 def logits_to_labels(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -66,10 +68,10 @@ def logits_to_labels(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 def predict_labels(model: torch.nn.Module, images: list[np.ndarray], image_size: int,
-                   device: torch.device | str = "cpu") -> list[np.ndarray]:
+                   device: torch.device | str = "cpu", bias: torch.Tensor | None = None) -> list[np.ndarray]:
     """Predicted label maps (H, W) uint8 for RGB images (H, W, 3) uint8 of any sizes, in one batch."""
     batch = np.stack([resize_image(im, image_size) for im in images])
-    logits = forward(model, batch, device)
+    logits = forward(model, batch, device, bias)
     return [logits_to_labels(lg, im.shape[:2]) for lg, im in zip(logits, images)]
 
 
@@ -252,6 +254,7 @@ def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: 
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     shards = _all_shards(shard_dir)
     model, config, _ = load_checkpoint(checkpoint, device)
+    bias = logit_bias(config)
     staging = out_dir.with_name(f".{out_dir.name}.staging")  # one name for all ranks
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -274,7 +277,7 @@ def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: 
             # The loader yields whole batches in order and a batch never spans shards,
             # so shard i's samples are exactly the batches until the shard index changes.
             while peek() is not None and items[peek()[0]["index"]].shard == i:
-                yield from _masked_batch(take(), model, device, mask_size, split, name, stats, skipped, seen)
+                yield from _masked_batch(take(), model, bias, device, mask_size, split, name, stats, skipped, seen)
         info = write_tar(staging / name, samples())
         written.append({"split": split, **info})
     seconds = time.time() - started
@@ -288,7 +291,7 @@ def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: 
     return result
 
 
-def _masked_batch(batch: list[dict], model, device, mask_size, split: str, shard: str,
+def _masked_batch(batch: list[dict], model, bias, device, mask_size, split: str, shard: str,
                   stats: MaskStats, skipped: list, seen: dict[str, set]) -> Iterator[dict[str, Any]]:
     """Output samples for one decoded batch, in order; undecodable samples go to ``skipped``."""
     good = [b for b in batch if b["error"] is None]
@@ -296,7 +299,7 @@ def _masked_batch(batch: list[dict], model, device, mask_size, split: str, shard
         if b["error"] is not None:
             skipped.append({"split": split, "shard": shard, "key": b["key"], "reason": b["error"]})
             stats.skip(split)
-    logits = forward(model, np.stack([b["input"] for b in good]), device) if good else []
+    logits = forward(model, np.stack([b["input"] for b in good]), device, bias) if good else []
     done = dict(zip((b["index"] for b in good), logits))
     for b in batch:
         if b["error"] is not None:

@@ -8,7 +8,7 @@ What other stages use:
 * ``pipeline.reid.model.embed(model, batch)`` -> ``global`` (B, C) after the BN neck,
   ``local`` (B, 4, C), ``visibility`` (B, 4), for a batch made by
   ``pipeline.reid.data.collate`` of ``EvalTransform(image_size)`` samples
-* ``pipeline.reid.distance``: ``euclidean`` (D_g), ``pairwise_local_distance`` (D_l),
-  ``inference_local_term``
+* ``pipeline.reid.distance``: ``euclidean`` (D_g), ``local_distance`` /
+  ``pairwise_local_distance`` (D_l, differentiable; the evaluator uses it too)
 * ``pipeline.reid.train.train(params, dist_info, ...)``
 """

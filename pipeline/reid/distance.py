@@ -15,11 +15,17 @@ Shapes: N images, 4 parts (front, back, side, top), C channels.
 and ``D_l = 0`` when p and q share no visible part (the denominator is 0); such pairs
 are flagged in the returned ``common`` mask so a loss can leave them out of mining.
 
-``official`` variant (the authors' code): the attention uses ``v_i + 1`` (so every
-pair has a common part and ``common`` is all True), each part feature is
-L2-normalised, and the per-part distance is ``sqrt(||f_i^p - f_i^q||_2)``. At
-inference that code uses ``0.5 * D_l**2`` as the local term: see
-:func:`inference_local_term`.
+``official`` variant (the authors' code: ``clck_dist`` in their
+``examples/parsing_reid/math_tools.py``, used by both their local triplet loss and
+their evaluation): the attention uses ``v_i + 1`` (so every pair has a common part and
+``common`` is all True) and each part feature is L2-normalised; the per-part distance
+is the plain Euclidean one (their code takes ``sqrt`` of a *squared*-distance routine,
+which method.md words as "sqrt of the Euclidean distance"). How the local term joins
+D_g at inference is the evaluator's business: :class:`pipeline.evaluation.DistanceSpec`.
+
+:func:`local_distance` is the one differentiable implementation; the variants are
+presets of its ``normalize`` and ``vis_offset`` flags, and the evaluator's
+``pven_distance_torch`` calls it too.
 
 Every function is differentiable and gives finite values and finite gradients for
 zero features, invisible parts and pairs without a common part: square roots are
@@ -55,7 +61,7 @@ def squared_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Global distance D_g: (N, C) x (M, C) -> (N, M) Euclidean, finite gradient at 0."""
+    """Euclidean distances (..., N, C) x (..., M, C) -> (..., N, M) (D_g); finite gradient at 0."""
     return _safe_sqrt(squared_euclidean(a, b))
 
 
@@ -66,29 +72,23 @@ def _check(features: torch.Tensor, visibility: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} visibility: expected shape {tuple(features.shape[:2])}, got {tuple(visibility.shape)}")
 
 
-def pairwise_local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: torch.Tensor,
-                            variant: Variant = "paper") -> tuple[torch.Tensor, torch.Tensor]:
-    """D_l between every image of set a and every image of set b.
+def local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: torch.Tensor, *,
+                   normalize: bool = False, vis_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """D_l between every image of set a and every image of set b (eq. 3-4).
 
     fa: (N, 4, C) part features, va: (N, 4) visibilities; fb, vb likewise with M images.
+    ``normalize`` L2-normalises each part feature first; ``vis_offset`` is added to
+    every visibility (1: the authors' Laplace smoothing).
     Returns ``(dist, common)``: dist (N, M) float, common (N, M) bool (the pair shares
     at least one visible part; where False, dist is exactly 0).
     """
     _check(fa, va, "a")
     _check(fb, vb, "b")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: got {variant!r}, expected one of {VARIANTS}")
-    if variant == "official":
+    if normalize:
         fa, fb = F.normalize(fa, dim=-1), F.normalize(fb, dim=-1)
-        va, vb = va + 1.0, vb + 1.0
+    va, vb = va + vis_offset, vb + vis_offset
     # Per-part distance matrices: (4, N, C) x (4, M, C) -> (4, N, M).
-    d2 = squared_euclidean(fa.transpose(0, 1), fb.transpose(0, 1))
-    if variant == "official":
-        # sqrt of the Euclidean distance = d2 ** (1/4), floored at EPS**2 so that equal
-        # features give sqrt(EPS) like the paper variant, not EPS ** (1/4).
-        part_dist = torch.sqrt(torch.sqrt(torch.clamp(d2, min=EPS * EPS)))
-    else:
-        part_dist = _safe_sqrt(d2)
+    part_dist = euclidean(fa.transpose(0, 1), fb.transpose(0, 1))
     weight = va.t()[:, :, None] * vb.t()[:, None, :]  # (4, N, M): v_i^p v_i^q
     denom = weight.sum(0)
     common = denom > 0
@@ -98,6 +98,10 @@ def pairwise_local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor
     return (attention * part_dist).sum(0), common
 
 
-def inference_local_term(dist: torch.Tensor, variant: Variant = "paper") -> torch.Tensor:
-    """The local term added to D_g at inference: D_l (paper) or 0.5 * D_l**2 (official code)."""
-    return dist if variant == "paper" else 0.5 * dist * dist
+def pairwise_local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: torch.Tensor,
+                            variant: Variant = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`local_distance` with the flags of ``variant`` (paper: raw; official: normalised, v + 1)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: got {variant!r}, expected one of {VARIANTS}")
+    official = variant == "official"
+    return local_distance(fa, va, fb, vb, normalize=official, vis_offset=1.0 if official else 0.0)

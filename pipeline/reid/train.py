@@ -20,8 +20,9 @@ What one call does:
    rank (else :class:`NonFiniteLossError`, keeping the last good checkpoint), backward,
    optimizer and lr steps. Checkpoints every ``reid.checkpoint_every`` steps and at
    each epoch end (then with ``epoch + 1``).
-5. Every ``reid.val_every`` epochs: query vs gallery mAP of the masked shards with
-   ``D = D_g + D_l`` (and with D_g alone), features extracted by all ranks and gathered.
+5. Every ``reid.val_every`` epochs: query vs gallery mAP of the masked shards by
+   :mod:`pipeline.evaluation` (the evaluate stage's metrics) with the variant's PVEN
+   distance (and with D_g alone), features extracted by all ranks and gathered.
 6. ``on_epoch(metrics)`` is called on every rank with the same dict after each epoch
    (Ray Train needs every worker to report).
 7. Rank 0 writes the final model to ``reid.out_dir/model.pt`` (+ ``model.json``).
@@ -53,8 +54,8 @@ from pipeline.data.shards import TrainStream, eval_pipeline, read_manifest, shar
 from pipeline.dist.backends import BackendOptions, make_backend
 from pipeline.dist.checkpoint import CheckpointManager, torch_save_atomic
 from pipeline.dist.env import DistInfo, barrier
+from pipeline.evaluation import DistanceSpec, FeatureSet, evaluate
 from pipeline.reid.data import EvalTransform, TrainTransform, collate, read_vid
-from pipeline.reid.distance import euclidean, inference_local_term, pairwise_local_distance
 from pipeline.reid.losses import pven_loss
 from pipeline.reid.model import build_model, model_payload, normalize_images
 from pipeline.reid.sampling import PKBatcher
@@ -147,32 +148,6 @@ def _seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------- validation
 
-def _rank_metrics(distmat: torch.Tensor, q_ids, g_ids, q_cams, g_cams) -> dict[str, float]:
-    """mAP / rank-1 / rank-5 with junk removal (same id and camera), via pipeline.evaluation if present."""
-    try:
-        from pipeline.evaluation.metrics import rank_metrics
-    except ImportError:  # the evaluation package is optional for training
-        return _simple_rank_metrics(distmat.numpy(), q_ids, g_ids, q_cams, g_cams)
-    summary = rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams, remove_junk=True, max_rank=5).summary((1, 5))
-    return {"mAP": summary["mAP"], "rank1": summary["rank1"], "rank5": summary["rank5"]}
-
-
-def _simple_rank_metrics(d: np.ndarray, q_ids, g_ids, q_cams, g_cams) -> dict[str, float]:
-    """Fallback (sorts each row): AP over valid gallery entries, queries without a match skipped."""
-    aps, r1, r5 = [], [], []
-    for i in range(d.shape[0]):
-        keep = ~((g_ids == q_ids[i]) & (g_cams == q_cams[i]))
-        order = np.argsort(d[i][keep], kind="stable")
-        hits = (g_ids[keep] == q_ids[i])[order]
-        if not hits.any():
-            continue
-        ranks = np.flatnonzero(hits)
-        aps.append(np.mean((np.arange(len(ranks)) + 1) / (ranks + 1)))
-        r1.append(ranks[0] < 1)
-        r5.append(ranks[0] < 5)
-    return {"mAP": float(np.mean(aps)), "rank1": float(np.mean(r1)), "rank5": float(np.mean(r5))}
-
-
 @torch.no_grad()
 def _extract(backend, urls: list[str], params: Params, info: DistInfo) -> dict[str, np.ndarray]:
     """Features of this rank's share of ``urls`` (shards r, r+w, ...), gathered from all ranks."""
@@ -209,16 +184,10 @@ def validate(backend, data_dir: Path, params: Params, info: DistInfo) -> dict[st
     q = _extract(backend, shard_urls(data_dir, "query"), params, info)
     g = _extract(backend, shard_urls(data_dir, "gallery"), params, info)
     backend.train()
-    variant = params.reid.variant
-    qt, gt = (torch.from_numpy(x["global"]) for x in (q, g))
-    d_g = euclidean(qt, gt)
-    d_l = torch.cat([pairwise_local_distance(torch.from_numpy(q["local"][i:i + 256]),
-                                             torch.from_numpy(q["vis"][i:i + 256]),
-                                             torch.from_numpy(g["local"]), torch.from_numpy(g["vis"]),
-                                             variant)[0]
-                     for i in range(0, len(qt), 256)])
-    full = _rank_metrics(d_g + inference_local_term(d_l, variant), q["vids"], g["vids"], q["cams"], g["cams"])
-    glob = _rank_metrics(d_g, q["vids"], g["vids"], q["cams"], g["cams"])
+    sets = [FeatureSet(x["vids"], x["cams"], x["global"], x["local"], x["vis"]) for x in (q, g)]
+    # The variant's own lambda: training does not read the eval section (dvc.yaml params).
+    full = evaluate(*sets, DistanceSpec(mode="pven", variant=params.reid.variant)).summary((1, 5))
+    glob = evaluate(*sets, DistanceSpec(mode="global", variant=params.reid.variant)).summary((1, 5))
     return {"val_mAP": full["mAP"], "val_rank1": full["rank1"], "val_rank5": full["rank5"],
             "val_mAP_global": glob["mAP"], "val_rank1_global": glob["rank1"]}
 
