@@ -121,7 +121,7 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, aug: Augment) -> tuple[np.ndarray, np.ndarray]:
     """Random flip + scale/shift (same affine map for both) + colour jitter (image only).
 
-    image (S, S, 3) uint8, mask (S, S) uint8 -> same shapes. Pixels moved in from outside
+    image (H, W, 3) uint8, mask (H, W) uint8 -> same shapes. Pixels moved in from outside
     the frame are black in the image and background (0) in the mask.
     """
     size = image.shape[1], image.shape[0]  # PIL (width, height)
