@@ -1,30 +1,44 @@
 """Atomic file writes: a reader sees the old file or the whole new one, never a part.
 
 Each writer goes to a temporary file in the destination's folder (same filesystem,
-so the final ``os.replace`` is atomic) and renames it over the destination.
+so the final ``os.replace`` is atomic) and renames it over the destination
+(:func:`replacing`; every writer of the project goes through it).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yield a new empty temporary file next to ``path``; on success rename it over ``path``.
+
+    If the block raises, the temporary file is removed and ``path`` is untouched. The
+    file is created with mode 0666 minus the umask, as ``open`` would (not ``mkstemp``'s
+    0600): metrics, manifests and models stay readable by the rest of a team.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:

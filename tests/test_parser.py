@@ -64,6 +64,9 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
         assert torch.equal(model(x), loaded(x))
     with pytest.raises(CheckpointError, match="run the train_parser stage"):
         load_checkpoint(tmp_path / "missing.pt")
+    save_checkpoint(tmp_path / "bad_bias.pt", model, {**config, "logit_bias": [0.0, 1.0, 2.0]})
+    with pytest.raises(CheckpointError, match=r"bad_bias\.pt: config\.logit_bias has 3 values, expected one per class \(5\)"):
+        load_checkpoint(tmp_path / "bad_bias.pt")
 
 
 def test_local_encoder_weights_load_through_params_and_missing_file_is_clear(tmp_path, tiny_params):

@@ -132,21 +132,15 @@ def write_tar(path: Path, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     pure function of the samples. Returns ``{"name", "samples", "sha256"}``.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    try:
-        with open(tmp, "wb") as stream:
-            writer = wds.TarWriter(stream, mtime=0.0, user="pven", group="pven", encoder=False)
-            try:
-                for sample in samples:
-                    writer.write(sample)
-                    count += 1
-            finally:
-                writer.close()  # also on error, before the file closes (else tarfile writes to it later)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as stream:
+        writer = wds.TarWriter(stream, mtime=0.0, user="pven", group="pven", encoder=False)
+        try:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+        finally:
+            writer.close()  # also on error, before the file closes (else tarfile writes to it later)
     return {"name": path.name, "samples": count, "sha256": _sha256(path)}
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pipeline.dist.checkpoint import torch_save_atomic
 from pipeline.dist.env import DistInfo
 
 BACKENDS = ("ddp", "deepspeed")
@@ -83,6 +84,13 @@ def _prepare_model(model: nn.Module, info: DistInfo, opts: BackendOptions,
     if opts.channels_last and weights_channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm statistics) to every rank, so evaluation sees one model."""
+    if info.distributed:
+        for buf in module.buffers():
+            dist.broadcast(buf, 0)
 
 
 class DDPBackend:
@@ -138,12 +146,9 @@ class DDPBackend:
 
     def sync_buffers(self) -> None:
         """Rank 0's BatchNorm statistics to every rank (DDP only syncs them at a training forward)."""
-        if self.info.distributed:
-            for buf in self.module.buffers():
-                dist.broadcast(buf, 0)
+        _broadcast_buffers(self.module, self.info)
 
     def save(self, folder: Path) -> None:
-        from pipeline.dist.checkpoint import torch_save_atomic  # avoids an import cycle
         if self.info.is_main:  # ranks hold identical replicas
             torch_save_atomic({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                                "scheduler": self.scheduler.state_dict()}, Path(folder) / "ddp.pt")
@@ -245,9 +250,7 @@ class DeepSpeedBackend:
         self.engine.eval()
 
     def sync_buffers(self) -> None:
-        if self.info.distributed:
-            for buf in self.module.buffers():
-                dist.broadcast(buf, 0)
+        _broadcast_buffers(self.module, self.info)
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag=self.TAG, client_state={}, save_latest=False)

@@ -23,10 +23,8 @@ filesystem across nodes).
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +35,13 @@ from pipeline import atomic
 from pipeline.dist.env import DistInfo, barrier
 
 LATEST = "latest.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # read once: umask can only be read by setting it
 
 
 def torch_save_atomic(obj: Any, path: Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic.replacing(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a model file is read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def rng_state() -> dict[str, Any]:

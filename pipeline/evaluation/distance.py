@@ -229,6 +229,14 @@ def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[:-1])
 
 
+def _float_feats(name: str, x: Any, check_finite: bool) -> torch.Tensor:
+    """Features as a float32 CPU tensor, optionally refused if any value is NaN/inf."""
+    t = _to_tensor(name, x).cpu().float()
+    if check_finite:
+        _check_finite(name, t)
+    return t
+
+
 def _check_finite(name: str, x: torch.Tensor) -> None:
     if x.numel() == 0:
         return
@@ -295,16 +303,12 @@ class PreparedSet:
         if spec.uses_global:
             if fs.global_feats is None:
                 raise ValueError(f"mode {spec.mode!r} needs global_feats")
-            self.g = _to_tensor("global_feats", fs.global_feats).cpu().float()
-            if check_finite:
-                _check_finite("global_feats", self.g)
+            self.g = _float_feats("global_feats", fs.global_feats, check_finite)
             self.g_sq, self.g_div = self._norms(self.g)
         if spec.uses_local:
             if fs.part_feats is None:
                 raise ValueError(f"mode {spec.mode!r} needs part_feats and visibility")
-            self.p = _to_tensor("part_feats", fs.part_feats).cpu().float()
-            if check_finite:
-                _check_finite("part_feats", self.p)
+            self.p = _float_feats("part_feats", fs.part_feats, check_finite)
             self.p_sq, self.p_div = self._norms(self.p)
             v = _to_tensor("visibility", fs.visibility).cpu().double() + spec.vis_offset
             vmax = v.amax(dim=1, keepdim=True)

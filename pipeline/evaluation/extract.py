@@ -13,7 +13,6 @@ feature map), ``ids.npy`` (N,) int64, ``cams.npy`` (N,) int64 (-1: unknown),
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -66,9 +65,8 @@ def extract_split(model: torch.nn.Module, shard_dir: Path, split: str, out_dir: 
     barrier(info)
     for index in range(info.rank, len(urls), info.world_size):
         arrays = _embed_shard(model, urls[index], size, batch_size, num_workers, channels_last)
-        tmp = staging / f".{index:06d}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, staging / f"{index:06d}.npz")
+        with atomic.replacing(staging / f"{index:06d}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # a file object: np.savez would append ".npz" to a path
     barrier(info)
     final = Path(out_dir) / split
     if info.is_main:

@@ -133,6 +133,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= set(ckpt):
         raise CheckpointError(f"{path}: expected a dict with 'state_dict' and 'config'")
     config = ckpt["config"]
+    bias = config.get("logit_bias")
+    if bias is not None and len(bias) != int(config["classes"]):
+        raise CheckpointError(f"{path}: config.logit_bias has {len(bias)} values, expected one per class "
+                              f"({config['classes']})")
     model = build_parser(config["encoder"], int(config["classes"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), config, ckpt.get("meta", {})
