@@ -61,7 +61,8 @@ def torchrun(shards: Path, work: Path, *args: str, nproc: int = 2, restarts: int
 
 @pytest.fixture(scope="module")
 def ddp_run(shards, tmp_path_factory):
-    return torchrun(shards, tmp_path_factory.mktemp("ddp"))
+    # Validates after the last epoch (after every loss the other tests compare).
+    return torchrun(shards, tmp_path_factory.mktemp("ddp"), "reid.val_every=2")
 
 
 def losses(run: dict) -> list[float]:
@@ -72,6 +73,9 @@ def losses(run: dict) -> list[float]:
 def test_ddp_two_ranks_hold_identical_weights(ddp_run):
     assert len(ddp_run["steps"]) == 10
     assert ddp_run["ranks"][0]["params"] == ddp_run["ranks"][1]["params"]
+    # Rank 0 ranks the gathered query/gallery features; every rank returns its numbers.
+    val = [r["val"] for r in ddp_run["ranks"]]
+    assert val[0] == val[1] and 0.0 <= val[0]["val_mAP"] <= 1.0, val
     assert all(torch.isfinite(torch.tensor(losses(ddp_run))))
 
 

@@ -22,7 +22,8 @@ What one call does:
    each epoch end (then with ``epoch + 1``).
 5. Every ``reid.val_every`` epochs: query vs gallery mAP of the masked shards by
    :mod:`pipeline.evaluation` (the evaluate stage's metrics) with the variant's PVEN
-   distance (and with D_g alone), features extracted by all ranks and gathered.
+   distance (and with D_g alone): features extracted by all ranks, gathered and ranked
+   on rank 0, the metrics broadcast so that every rank returns the same numbers.
 6. ``on_epoch(metrics)`` is called on every rank with the same dict after each epoch
    (Ray Train needs every worker to report).
 7. Rank 0 writes the final model to ``reid.out_dir/model.pt`` (+ ``model.json``).
@@ -149,8 +150,8 @@ def _seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- validation
 
 @torch.no_grad()
-def _extract(backend, urls: list[str], params: Params, info: DistInfo) -> dict[str, np.ndarray]:
-    """Features of this rank's share of ``urls`` (shards r, r+w, ...), gathered from all ranks."""
+def _extract(backend, urls: list[str], params: Params, info: DistInfo) -> dict[str, np.ndarray] | None:
+    """Features of this rank's share of ``urls`` (shards r, r+w, ...), gathered on rank 0 (None elsewhere)."""
     cfg = params.reid
     mine = urls[info.rank::info.world_size]
     parts: dict[str, list] = {"global": [], "local": [], "vis": [], "vids": [], "cams": []}
@@ -169,8 +170,10 @@ def _extract(backend, urls: list[str], params: Params, info: DistInfo) -> dict[s
     local = {k: torch.cat(v).numpy() if v else None for k, v in parts.items()}
     gathered = [local]
     if info.distributed:
-        gathered = [None] * info.world_size
-        dist.all_gather_object(gathered, local)
+        gathered = [None] * info.world_size if info.is_main else None
+        dist.gather_object(local, gathered, dst=0)
+    if not info.is_main:
+        return None
     return {k: np.concatenate([g[k] for g in gathered if g[k] is not None]) for k in local}
 
 
@@ -184,12 +187,17 @@ def validate(backend, data_dir: Path, params: Params, info: DistInfo) -> dict[st
     q = _extract(backend, shard_urls(data_dir, "query"), params, info)
     g = _extract(backend, shard_urls(data_dir, "gallery"), params, info)
     backend.train()
-    sets = [FeatureSet(x["vids"], x["cams"], x["global"], x["local"], x["vis"]) for x in (q, g)]
-    # The variant's own lambda: training does not read the eval section (dvc.yaml params).
-    full = evaluate(*sets, DistanceSpec(mode="pven", variant=params.reid.variant)).summary((1, 5))
-    glob = evaluate(*sets, DistanceSpec(mode="global", variant=params.reid.variant)).summary((1, 5))
-    return {"val_mAP": full["mAP"], "val_rank1": full["rank1"], "val_rank5": full["rank5"],
-            "val_mAP_global": glob["mAP"], "val_rank1_global": glob["rank1"]}
+    metrics = [None]
+    if info.is_main:  # one rank ranks; the others would repeat the same work on the same cores
+        sets = [FeatureSet(x["vids"], x["cams"], x["global"], x["local"], x["vis"]) for x in (q, g)]
+        # The variant's own lambda: training does not read the eval section (dvc.yaml params).
+        full = evaluate(*sets, DistanceSpec(mode="pven", variant=params.reid.variant)).summary((1, 5))
+        glob = evaluate(*sets, DistanceSpec(mode="global", variant=params.reid.variant)).summary((1, 5))
+        metrics = [{"val_mAP": full["mAP"], "val_rank1": full["rank1"], "val_rank5": full["rank5"],
+                    "val_mAP_global": glob["mAP"], "val_rank1_global": glob["rank1"]}]
+    if info.distributed:
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
 
 
 # --------------------------------------------------------------------------- training
