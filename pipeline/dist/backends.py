@@ -115,10 +115,6 @@ class DDPBackend:
             self.wrapped = self.module
         self.optimizer, self.scheduler = _optimizer(self.module, opts)
 
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return torch.float32
-
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -227,10 +223,6 @@ class DeepSpeedBackend:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
         self.module = self.engine.module
         self._dtype = torch.bfloat16 if self.config.get("bf16", {}).get("enabled") else torch.float32
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return self._dtype
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.engine(images.to(self._dtype), masks)

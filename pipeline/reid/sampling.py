@@ -67,14 +67,14 @@ class PKBatcher:
             if len(ready) >= P:
                 candidates = list(ready)
                 vids = [candidates[i] for i in sorted(rng.choice(len(candidates), P, replace=False))]
-                picked = [s for v in vids for s in self._take(buffers, ready, v, rng, replace=False)]
+                picked = [s for v in vids for s in self._take(buffers, ready, v, rng)]
                 total -= len(picked)
                 yield self._finish(picked, rng)
             elif total >= self.max_buffered:
                 if len(buffers) >= P:
                     # Fullest identities first (ties: oldest first, as buffers is ordered).
                     vids = sorted(buffers, key=lambda v: -len(buffers[v]))[:P]
-                    picked = [s for v in vids for s in self._take(buffers, ready, v, rng, replace=True)]
+                    picked = [s for v in vids for s in self._take(buffers, ready, v, rng)]
                     total = sum(len(b) for b in buffers.values())
                     yield self._finish(picked, rng)
                 else:
@@ -84,7 +84,7 @@ class PKBatcher:
                         del buffers[oldest]
                     total -= 1
 
-    def _take(self, buffers, ready, vid, rng, replace: bool) -> list:
+    def _take(self, buffers, ready, vid, rng) -> list:
         """Remove and return K samples of ``vid`` (with replacement when fewer are buffered)."""
         buf = buffers[vid]
         if len(buf) >= self.K:

@@ -161,7 +161,7 @@ def _extract(backend, urls: list[str], params: Params, info: DistInfo) -> dict[s
                                              num_workers=min(cfg.num_workers, len(mine)))
         for batch in loader:
             images = normalize_images(batch["images"].to(info.device), cfg.channels_last)
-            out = backend.forward(images.to(backend.input_dtype), batch["masks"].to(info.device))
+            out = backend.forward(images, batch["masks"].to(info.device))
             parts["global"].append(out["neck"].float().cpu())
             parts["local"].append(out["local"].float().cpu())
             parts["vis"].append(out["visibility"].float().cpu())
@@ -225,7 +225,6 @@ def train(params: Params, info: DistInfo, *, data_dir: str | Path | None = None,
         raise ValueError(f"reid.P={cfg.P} identities per batch, but {data_dir} has only {n_ids} training identities")
 
     class_vids = training_identities(data_dir, info)
-    class_of = {v: i for i, v in enumerate(class_vids)}
     _seed_everything(params.seed)  # the same initial weights on every rank
     model = build_model(cfg, len(class_vids))
     steps_per_epoch, total_steps = cfg.batches_per_epoch, cfg.epochs * cfg.batches_per_epoch
@@ -236,13 +235,13 @@ def train(params: Params, info: DistInfo, *, data_dir: str | Path | None = None,
         sync_bn=cfg.sync_bn, deepspeed_config=cfg.deepspeed_config))
     try:
         return _train_loop(params, info, backend, data_dir, out_dir,
-                           Path(checkpoint_dir or cfg.checkpoint_dir), class_vids, class_of,
+                           Path(checkpoint_dir or cfg.checkpoint_dir), class_vids,
                            on_epoch, on_checkpoint, run, progress)
     finally:
         backend.close()
 
 
-def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_vids, class_of,
+def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_vids,
                 on_epoch, on_checkpoint, run, progress) -> TrainResult:
     from tqdm import tqdm
 
@@ -290,7 +289,7 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
                                  f"that are not training identities of {data_dir}")
             labels = lookup[vids].to(info.device)
             images = normalize_images(batch["images"].to(info.device, non_blocking=True), cfg.channels_last)
-            out = backend.forward(images.to(backend.input_dtype), batch["masks"].to(info.device))
+            out = backend.forward(images, batch["masks"].to(info.device))
             losses = pven_loss(out, labels, cfg.loss, cfg.variant)
             row = _finite_or_stop(losses, info, ckpt, epoch, global_step)
             backend.step(losses["loss"])
