@@ -8,7 +8,8 @@ and ``eval``. Every rank embeds its shards of the masked splits; rank 0 saves
 ``embeddings/<split>/`` and scores the same embeddings three ways (the inference-side
 ablation): global only (D_g), local only (D_l) and PVEN (D_g + lam D_l), with the
 dataset's protocol. Writes ``metrics/eval.json``, ``plots/cmc.csv`` and ranked-list
-pictures ``reports/ranked_first.png`` / ``reports/ranked_worst.png``.
+pictures ``reports/ranked_first.png`` / ``reports/ranked_worst.png`` (ranked by the PVEN
+distance itself: with ``eval.rerank`` the metrics are re-ranked, the pictures are not).
 """
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.config import load_params
 from pipeline.dist.env import init_distributed, shutdown
-from pipeline.evaluation import DistanceSpec, RerankConfig, evaluate_protocol
+from pipeline.evaluation import MODES, DistanceSpec, RerankConfig, evaluate_protocol
 from pipeline.evaluation.extract import extract_split, load_features
 from pipeline.evaluation.report import cmc_rows, fetch_images, ranked_lists
 from pipeline.reid.model import load_model
@@ -28,7 +29,6 @@ from pipeline.viz import ranked_grid
 EMBEDDINGS = Path("embeddings")
 METRICS = Path("metrics/eval.json")
 CMC = Path("plots/cmc.csv")
-MODES = ("global", "local", "pven")
 
 
 def main() -> None:
@@ -76,7 +76,10 @@ def score(params, variant: str, splits: list[str]) -> dict:
     pictures = []
     if source != "vehicleid" and cfg.grid_queries > 0:
         spec = DistanceSpec(mode="pven", variant=variant, lam=cfg.lam)
-        pictures = draw_ranked(params, sets, results["pven"].metrics, spec, results["pven"].remove_junk)
+        shown = results["pven"]
+        if rerank is not None:  # the pictures rank by the PVEN distance itself: pick and title by its APs
+            shown = evaluate_protocol(source, spec, **{**kwargs, "rerank": None})
+        pictures = draw_ranked(params, sets, shown.metrics, spec, shown.remove_junk)
     return {"metrics": metrics, "cmc": cmc_rows(curves), "pictures": pictures}
 
 
@@ -99,11 +102,8 @@ def draw_ranked(params, sets, metrics, spec, remove_junk) -> list[Path]:
                             zip(r["gallery"], r["correct"], r["weights"], r["distance"])]}
                 for r in ranked]
         path = Path(f"reports/ranked_{name}.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image = ranked_grid(rows)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        image.save(tmp)
-        tmp.replace(path)
+        with atomic.replacing(path) as tmp:
+            ranked_grid(rows).save(tmp, format="PNG")
         paths.append(path)
     return paths
 

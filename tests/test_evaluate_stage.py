@@ -83,3 +83,21 @@ def test_missing_model_is_a_clear_error(tmp_path):
                           env=stage_env(), timeout=300)
     assert done.returncode != 0
     assert "models/none/model.pt: no ReID model file (run the train_reid stage first)" in done.stderr
+
+
+def test_rerank_switch_rescores_and_still_draws(project):
+    params = project / "params.yaml"
+    plain = params.read_text()
+    run([sys.executable, "stages/evaluate.py"], project)
+    before = json.loads((project / "metrics/eval.json").read_text())
+    try:
+        params.write_text(plain.replace("  rerank: false", "  rerank: true", 1))
+        run([sys.executable, "stages/evaluate.py"], project)
+    finally:
+        params.write_text(plain)
+    after = json.loads((project / "metrics/eval.json").read_text())
+    assert after["pven"]["num_queries"] == before["pven"]["num_queries"]
+    assert after["pven"]["mAP"] != before["pven"]["mAP"], "k-reciprocal re-ranking changes the ranking"
+    # The pictures show the PVEN distance's own ranking (picked and titled by its APs).
+    from PIL import Image
+    assert Image.open(project / "reports/ranked_worst.png").size[0] > 500

@@ -229,11 +229,10 @@ def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[:-1])
 
 
-def _float_feats(name: str, x: Any, check_finite: bool) -> torch.Tensor:
-    """Features as a float32 CPU tensor, optionally refused if any value is NaN/inf."""
+def _float_feats(name: str, x: Any) -> torch.Tensor:
+    """Features as a float32 CPU tensor; a NaN/inf value is refused."""
     t = _to_tensor(name, x).cpu().float()
-    if check_finite:
-        _check_finite(name, t)
+    _check_finite(name, t)
     return t
 
 
@@ -285,17 +284,15 @@ class PreparedSet:
     divisors and part weights. :meth:`chunk` lays out any subset of rows for the kernel.
     """
 
-    def __init__(self, fs: FeatureSet, spec: DistanceSpec, matmul_dtype: torch.dtype | None = None,
-                 check_finite: bool = True) -> None:
+    def __init__(self, fs: FeatureSet, spec: DistanceSpec, matmul_dtype: torch.dtype | None = None) -> None:
         if matmul_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"matmul_dtype={matmul_dtype}: expected None, torch.float32 or torch.bfloat16")
         # Single-threaded, as the kernel: the same settings wherever a set is prepared keep
         # its norms bitwise reproducible, and small OpenMP regions stall on a busy machine.
         with kernel_threads():
-            self._prepare(fs, spec, matmul_dtype, check_finite)
+            self._prepare(fs, spec, matmul_dtype)
 
-    def _prepare(self, fs: FeatureSet, spec: DistanceSpec, matmul_dtype: torch.dtype | None,
-                 check_finite: bool) -> None:
+    def _prepare(self, fs: FeatureSet, spec: DistanceSpec, matmul_dtype: torch.dtype | None) -> None:
         self.spec = spec
         self.n = len(fs)
         self.bf16 = matmul_dtype == torch.bfloat16
@@ -303,12 +300,12 @@ class PreparedSet:
         if spec.uses_global:
             if fs.global_feats is None:
                 raise ValueError(f"mode {spec.mode!r} needs global_feats")
-            self.g = _float_feats("global_feats", fs.global_feats, check_finite)
+            self.g = _float_feats("global_feats", fs.global_feats)
             self.g_sq, self.g_div = self._norms(self.g)
         if spec.uses_local:
             if fs.part_feats is None:
                 raise ValueError(f"mode {spec.mode!r} needs part_feats and visibility")
-            self.p = _float_feats("part_feats", fs.part_feats, check_finite)
+            self.p = _float_feats("part_feats", fs.part_feats)
             self.p_sq, self.p_div = self._norms(self.p)
             v = _to_tensor("visibility", fs.visibility).cpu().double() + spec.vis_offset
             vmax = v.amax(dim=1, keepdim=True)

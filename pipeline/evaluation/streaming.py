@@ -41,14 +41,10 @@ import numpy as np
 import torch
 
 from .distance import (DEFAULT_TILE, NUM_PARTS, BlockKernel, Chunk, DistanceSpec, FeatureSet, PreparedSet,
-                       check_tile, kernel_threads)
+                       _round_up, check_tile, kernel_threads)
 from .metrics import BlockRanker, MetricAccumulator, RankMetrics, TileCounter, encode_cams, encode_ids
 
 __all__ = ["StreamingEvaluator", "evaluate", "TiledProvider"]
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 class TiledProvider:
