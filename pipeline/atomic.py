@@ -52,11 +52,13 @@ def write_json(path: str | Path, data: Any) -> Path:
 def swap_dir(staging: str | Path, out_dir: str | Path) -> None:
     """Replace the folder ``out_dir`` by the complete folder ``staging``.
 
-    The old folder is moved aside first and removed only after the swap, so at every
-    moment ``out_dir`` is either the whole old output or the whole new one.
+    The old folder is moved aside first and removed only after the swap, so ``out_dir``
+    is never a mix: it is the whole old output, the whole new one, or (for the instant
+    between the two renames) absent.
     """
     staging, out_dir = Path(staging), Path(out_dir)
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)  # left by a crashed run with the same pid (containers reuse pids)
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(staging, out_dir)

@@ -430,10 +430,10 @@ def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
 
 def _check_cross_fields(p: Params) -> None:
     """Rules that involve more than one key."""
-    for name in ("cameras_per_id", "images_per_camera"):
-        lo, hi = getattr(p.synth, name)
+    for section, name in (("synth", "cameras_per_id"), ("synth", "images_per_camera"), ("parser", "scale")):
+        lo, hi = getattr(getattr(p, section), name)
         if lo > hi:
-            raise ConfigError(f"synth.{name}: got [{lo}, {hi}], expected [min, max] with min <= max")
+            raise ConfigError(f"{section}.{name}: got [{lo}, {hi}], expected [min, max] with min <= max")
     if p.synth.cameras_per_id[1] > p.synth.cameras:
         raise ConfigError(f"synth.cameras_per_id: max {p.synth.cameras_per_id[1]} exceeds "
                           f"synth.cameras={p.synth.cameras}")

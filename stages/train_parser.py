@@ -13,6 +13,8 @@ part of them (by identity), keeps the best checkpoint. Writes ``parser.out_dir``
 import sys
 from pathlib import Path
 
+import torch
+
 from pipeline import atomic
 from pipeline.config import load_params
 from pipeline.data.records import VIEW_NAMES
@@ -41,8 +43,9 @@ def main() -> None:
 
         train, val = annotated_subset(params.shard.out_dir, cfg.val_fraction, params.seed)
         print(f"train_parser: {len(train)} train / {len(val)} val annotated images")
-        result = train_parser(cfg, train, val, params.seed, cfg.out_dir, progress=sys.stderr.isatty(),
-                              on_epoch=on_epoch)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        result = train_parser(cfg, train, val, params.seed, cfg.out_dir, device=device,
+                              progress=sys.stderr.isatty(), on_epoch=on_epoch)
         val_scores = result["val"]
         metrics = {"val": {"miou": val_scores["miou"], "pixel_acc": val_scores["pixel_acc"],
                            "iou": dict(zip(VIEW_NAMES, val_scores["iou"]))},

@@ -39,6 +39,7 @@ def test_dotted_overrides_are_parsed_as_yaml_and_validated():
     ("synth.label_fraction=1.5", "synth.label_fraction: got 1.5, expected a value >= 0.0 and <= 1.0"),
     ("synth.cameras_per_id=[3]", "synth.cameras_per_id: got [3], expected a list of 2"),
     ("synth.cameras_per_id=[4, 2]", "synth.cameras_per_id: got [4, 2], expected [min, max]"),
+    ("parser.scale=[1.2, 0.8]", "parser.scale: got [1.2, 0.8], expected [min, max] with min <= max"),
     ("data.source=market", "data.source: got 'market', expected one of 'synthetic'"),
     ("shard.resize=[0, 64]", "shard.resize: got (0, 64), expected a value >= 8"),
     ("data.root=/elsewhere", "data.root: got '/elsewhere'; with data.source 'synthetic'"),

@@ -34,10 +34,10 @@ def raw_samples(url: str) -> list[dict]:
     return list(eval_pipeline([url], map_fn=lambda s: s))
 
 
-def corrupt_sample(shard: Path, index: int) -> str:
-    """Replace the jpg of the index-th sample of a shard by bytes no decoder accepts; returns its key."""
+def corrupt_sample(shard: Path, index: int, ext: str = "jpg") -> str:
+    """Replace the ``ext`` member of the index-th sample of a shard by bytes no decoder accepts; returns its key."""
     samples = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in raw_samples(str(shard))]
-    samples[index]["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg"
+    samples[index][ext] = b"\xff\xd8\xff\xe0 this is neither a jpeg nor json"
     write_tar(shard, samples)
     return samples[index]["__key__"]
 
@@ -74,9 +74,10 @@ def test_one_output_shard_per_input_same_samples_with_predicted_masks(tmp_path):
     assert not list(tmp_path.glob(".masked*")), "staging folder swapped in, nothing left behind"
 
 
-def test_corrupt_image_is_skipped_and_listed(tmp_path):
+@pytest.mark.parametrize("ext", ["jpg", "json"])
+def test_corrupt_sample_is_skipped_and_listed(tmp_path, ext):
     shards, ckpt = make_inputs(tmp_path)
-    bad = corrupt_sample(shards / "gallery-000000.tar", 1)
+    bad = corrupt_sample(shards / "gallery-000000.tar", 1, ext)
     result = write_masked_shards(shards, tmp_path / "masked", ckpt, batch_size=4, mask_size=(16, 20))
     skipped = result["manifest"]["skipped"]
     assert len(skipped) == 1 and skipped[0]["key"] == bad and skipped[0]["split"] == "gallery"

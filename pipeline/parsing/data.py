@@ -47,11 +47,8 @@ class Augment:
 
     @classmethod
     def from_config(cls, cfg) -> "Augment":
-        """From the params ``parser`` section (scale, shift, jitter, flip)."""
-        lo, hi = cfg.scale
-        if lo > hi:
-            raise ValueError(f"parser.scale: got [{lo}, {hi}], expected [min, max] with min <= max")
-        return cls(scale=(lo, hi), shift=cfg.shift, jitter=cfg.jitter, flip=cfg.flip)
+        """From the params ``parser`` section (scale, shift, jitter, flip; validated by pipeline.config)."""
+        return cls(scale=tuple(cfg.scale), shift=cfg.shift, jitter=cfg.jitter, flip=cfg.flip)
 
 
 def _keep_raw(sample: dict[str, Any]) -> dict[str, Any]:
@@ -93,12 +90,17 @@ def annotated_subset(shard_dir: str | Path, val_fraction: float, seed: int) -> t
     return train, val
 
 
+def decode_labels(sample: Annotated) -> np.ndarray:
+    """The label PNG's bytes -> (H, W) uint8 labels (no image decode)."""
+    with Image.open(io.BytesIO(sample.mask_png)) as im:
+        return np.asarray(im if im.mode == "L" else im.convert("L"))
+
+
 def decode_pair(sample: Annotated) -> tuple[np.ndarray, np.ndarray]:
     """Bytes -> (image (H, W, 3) uint8 RGB, labels (H, W) uint8); sizes must agree."""
     with Image.open(io.BytesIO(sample.jpg)) as im:
         image = np.asarray(im.convert("RGB"))
-    with Image.open(io.BytesIO(sample.mask_png)) as im:
-        mask = np.asarray(im if im.mode == "L" else im.convert("L"))
+    mask = decode_labels(sample)
     if mask.shape != image.shape[:2]:
         raise ValueError(f"sample {sample.key}: mask {mask.shape} and image {image.shape[:2]} differ in size")
     return image, mask

@@ -20,7 +20,6 @@ so a local ImageNet encoder state dict works unchanged.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +110,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict[str, 
     for key in ("encoder", "image_size", "classes"):
         if key not in config:
             raise ValueError(f"checkpoint config lacks {key!r} (has {sorted(config)})")
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save({"state_dict": state, "config": dict(config), "meta": dict(meta or {})}, buf)
-    return atomic.write_bytes(path, buf.getvalue())
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic.replacing(path) as tmp:
+        torch.save({"state_dict": state, "config": dict(config), "meta": dict(meta or {})}, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):

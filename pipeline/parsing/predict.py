@@ -129,6 +129,7 @@ class _ShardItems(torch.utils.data.Dataset):
             with Image.open(io.BytesIO(raw["jpg"])) as im:
                 im.load()
                 image = np.asarray(im.convert("RGB"))
+            out["meta"] = json.loads(raw["json"])  # a bad json skips the sample like a bad image
             out["size"] = image.shape[:2]
             out["input"] = resize_image(image, self.size)
             if "mask.png" in raw:
@@ -309,8 +310,7 @@ def _masked_batch(batch: list[dict], model, bias, device, mask_size, split: str,
         conf = None if b["truth"] is None else confusion_matrix(labels, _fit(b["truth"], labels.shape))
         stored = labels if mask_size is None else logits_to_labels(lg, mask_size)
         stats.add(split, stored, conf)
-        meta = json.loads(b["raw"]["json"])
-        meta["mask_source"] = MASK_SOURCE
+        meta = {**b["meta"], "mask_source": MASK_SOURCE}
         seen["vids"].add(meta["vid"])
         if meta.get("camera", -1) >= 0:
             seen["cameras"].add(meta["camera"])

@@ -6,6 +6,7 @@ label map given (e.g. prediction, ground truth), each tile resized to ``tile`` p
 from __future__ import annotations
 
 import io
+import itertools
 import tarfile
 from pathlib import Path
 
@@ -66,25 +67,28 @@ def masks_sheet(masked_dir: str | Path, shard_dir: str | Path, count: int = 8) -
     split = next((s for s in ("query", "gallery", "test", "train") if s in masked), None)
     if split is None:
         raise ValueError(f"{masked_dir}: no split to draw")
-    chosen = []
-    for shard in masked[split]["shards"]:
-        chosen += [decode_sample(s) for s in _samples(Path(masked_dir) / shard["name"], count - len(chosen))]
-        if len(chosen) >= count:
-            break
-    wanted, truth = {d["key"] for d in chosen}, {}
-    for shard in read_manifest(shard_dir)["splits"].get(split, {}).get("shards", []):
-        for sample in _samples(Path(shard_dir) / shard["name"]):
-            if sample["__key__"] in wanted and "mask.png" in sample:
+
+    def samples_of(folder: Path):
+        for shard in read_manifest(folder)["splits"].get(split, {}).get("shards", []):
+            yield from _samples(Path(folder) / shard["name"])
+
+    chosen = [decode_sample(s) for s in itertools.islice(samples_of(masked_dir), count)]
+    # Masked shards keep the input's keys and order: the inputs are found within the first
+    # samples of the same split (stop at the last one, found or not: real query sets have no labels).
+    pending, truth = {d["key"] for d in chosen}, {}
+    for sample in samples_of(shard_dir):
+        if sample["__key__"] in pending:
+            pending.discard(sample["__key__"])
+            if "mask.png" in sample:
                 truth[sample["__key__"]] = decode_sample(sample)["mask"]
-        if len(truth) == len(wanted):
-            break
+            if not pending:
+                break
     return overlay_sheet([(d["image"], [d["mask"], truth.get(d["key"])]) for d in chosen])
 
 
-def _samples(path: Path, limit: int | None = None):
-    """Raw samples of one tar, in order, at most ``limit`` (the picture needs a handful)."""
+def _samples(path: Path):
+    """Raw samples of one tar, in order, read lazily (the picture needs a handful)."""
     current: dict = {}
-    done = 0
     with tarfile.open(path) as tar:
         for member in tar:
             if not member.isfile():
@@ -92,11 +96,8 @@ def _samples(path: Path, limit: int | None = None):
             key, _, ext = member.name.partition(".")
             if current and current["__key__"] != key:
                 yield current
-                done += 1
                 current = {}
-                if limit is not None and done >= limit:
-                    return
             current["__key__"] = key
             current[ext] = tar.extractfile(member).read()
-    if current and (limit is None or done < limit):
+    if current:
         yield current
