@@ -1,6 +1,7 @@
-# The two commands of the README:
+# The two commands of the README, and the lint check CI runs before the tests:
 #   make repro   set everything up, then run the pipeline (dvc repro) on params.yaml
 #   make test    set everything up, then run the test suite
+#   make lint    set everything up, then lint the code (ruff, config in pyproject.toml)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(CURDIR)/$(VENV)/bin
@@ -14,7 +15,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup repro test clean-outputs
+.PHONY: setup repro test lint clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -31,6 +32,9 @@ repro: setup
 
 test: setup
 	python -m pytest
+
+lint: setup
+	ruff check .
 
 clean-outputs:
 	rm -rf data/synthetic data/shards metrics reports dvc.lock

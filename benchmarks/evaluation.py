@@ -41,9 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.evaluation.distance import NUM_PARTS, BlockKernel, DistanceSpec, FeatureSet  # noqa: E402
+from pipeline.constants import NUM_PARTS  # noqa: E402
+from pipeline.evaluation.features import FeatureSet  # noqa: E402
+from pipeline.evaluation.kernel import BlockKernel  # noqa: E402
 from pipeline.evaluation.metrics import RankMetrics, rank_metrics  # noqa: E402
-from pipeline.evaluation.streaming import StreamingEvaluator, TiledProvider  # noqa: E402
+from pipeline.evaluation.spec import DistanceSpec  # noqa: E402
+from pipeline.evaluation.streaming import StreamingEvaluator  # noqa: E402
+from pipeline.evaluation.tiled import TiledProvider  # noqa: E402
 
 SIZES = {
     # name: (queries, gallery, ids, cameras, one query per id)
@@ -129,7 +133,7 @@ class PeakRSS:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * self.page
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.start = self._rss()
         self.peak = self.start
         self._stop = threading.Event()
@@ -239,7 +243,7 @@ def baseline(q: FeatureSet, g: FeatureSet, spec: DistanceSpec, n_queries: int,
 
 def dense_torch_distance(q: FeatureSet, g: FeatureSet, spec: DistanceSpec) -> np.ndarray:
     """The whole (Q, G) matrix with whole-matrix torch ops (as PVEN's own evaluation code)."""
-    from pipeline.evaluation.distance import pven_distance_torch
+    from pipeline.reid.distance import pven_distance_torch
     t = lambda x: torch.as_tensor(x)  # noqa: E731
     d = pven_distance_torch(t(q.global_feats), t(q.part_feats), t(q.visibility),
                             t(g.global_feats), t(g.part_feats), t(g.visibility), spec)
@@ -334,7 +338,7 @@ def bench_size(name: str, args: argparse.Namespace) -> list[str]:
                   f"positive at exactly the distance of a negative (float32 tie), which argsort may put "
                   f"first and we put last (documented tie rule)")
     del b["dist"]
-    from pipeline.evaluation.distance import pven_distance
+    from pipeline.evaluation.dense import pven_distance
     dense = pven_distance(qq, g, spec, q_block=args.q_block, g_block=args.g_block)
     rm_dense = rank_metrics(dense, qq.ids, g.ids, qq.cams, g.cams)
     del dense

@@ -38,10 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import LossConfig, load_params  # noqa: E402
+from pipeline.data.transforms import normalize_images  # noqa: E402
 from pipeline.dist.backends import BackendOptions, DDPBackend, bf16_supported  # noqa: E402
 from pipeline.dist.env import DistInfo  # noqa: E402
 from pipeline.reid.losses import pven_loss  # noqa: E402
-from pipeline.reid.model import PVEN, normalize_images  # noqa: E402
+from pipeline.reid.model import PVEN  # noqa: E402
 
 PRESETS = {  # backbone, image px, P, K (paper: 16 x 4 = 64, here 4 x 4 = 16 on CPU)
     "default": ("resnet18", 128, 8, 4),

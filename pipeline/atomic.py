@@ -11,8 +11,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -63,3 +64,19 @@ def swap_dir(staging: str | Path, out_dir: str | Path) -> None:
         os.replace(out_dir, old)
     os.replace(staging, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str] | None = None,
+              number_format: str | None = None) -> Path:
+    """Rows of dicts as CSV with a header (``columns``: default the first row's keys).
+
+    ``number_format`` (e.g. ``".6g"``) formats int/float cells; else ``str()``.
+    """
+    columns = list(columns or (rows[0] if rows else []))
+
+    def cell(value: Any) -> str:
+        if number_format and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return format(value, number_format)
+        return str(value)
+    lines = [",".join(columns)] + [",".join(cell(row[c]) for c in columns) for row in rows]
+    return write_text(path, "\n".join(lines) + "\n")

@@ -16,11 +16,14 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import yaml
+
+from pipeline.constants import VARIANTS, VEHICLEID_SUBSETS, VERIWILD_SUBSETS
 
 
 class ConfigError(ValueError):
@@ -145,7 +148,7 @@ class MasksConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """``L = w_id L_id + w_gtri L_tri_g + w_ltri L_tri_l`` (method.md §4); what the sweep searches."""
+    """``L = w_id L_id + w_gtri L_tri_g + w_ltri L_tri_l`` (docs/method.md §4); what the sweep searches."""
     w_id: float = _bounded(1.0, ge=0.0)
     w_gtri: float = _bounded(1.0, ge=0.0)
     w_ltri: float = _bounded(1.0, ge=0.0)
@@ -161,7 +164,7 @@ class ReidConfig:
     Batches are ``P`` identities x ``K`` images per rank; every rank runs exactly
     ``batches_per_epoch`` steps an epoch. ``image_size`` is [height, width] in px.
     ``variant`` 'paper' follows the paper's equations, 'official' the authors' code
-    (method.md §3). ``pretrained``: null, 'imagenet' (torchvision weights, needs
+    (docs/method.md §3). ``pretrained``: null, 'imagenet' (torchvision weights, needs
     internet) or a path to a local backbone state dict. ``checkpoint_dir`` holds the
     resumable checkpoints (not a DVC output, so a requeued or restarted run resumes;
     checkpoints of other params are discarded). ``val_every`` epochs the query/gallery
@@ -175,7 +178,7 @@ class ReidConfig:
     pretrained: str | None = None
     last_stride: int = _bounded(1, ge=1, le=2)
     image_size: tuple[int, int] = _bounded((128, 128), ge=32)
-    variant: Literal["paper", "official"] = "paper"
+    variant: Literal[VARIANTS] = "paper"
     mask_pool: Literal["max", "nearest"] = "max"
     loss: LossConfig = LossConfig()
     P: int = _bounded(8, ge=2)
@@ -206,8 +209,9 @@ class EvalConfig:
 
     ``lam`` null takes the model variant's own (paper 1.0, official 0.5).
     VeRi-776 and synthetic always drop gallery images with the query's id and camera;
-    ``remove_junk`` switches it for VERI-Wild (the paper keeps them, toolkits remove them). Re-ranking is k-reciprocal with k1, k2,
-    ``rerank_lambda``. ``grid_queries`` ranked lists are drawn (first and worst).
+    ``remove_junk`` switches it for VERI-Wild (the paper keeps them, toolkits remove them).
+    Re-ranking is k-reciprocal with k1, k2, ``rerank_lambda``. ``grid_queries`` ranked lists
+    are drawn (first and worst).
     """
     lam: float | None = _bounded(None, ge=0.0)
     batch_size: int = _bounded(64, ge=1)
@@ -226,7 +230,7 @@ class EvalConfig:
 # Named bundles of overrides. A preset's keys win over params.yaml; explicit overrides
 # (`dvc exp run -S`, Tune trials) win over both.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's setting (method.md): needs a GPU and ImageNet weights (internet or a path).
+    # The paper's setting (docs/method.md): needs a GPU and ImageNet weights (internet or a path).
     "paper": {
         "parser.encoder": "se_resnext50_32x4d",
         "parser.image_size": 256,
@@ -268,13 +272,85 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
 
-    def digest(self, *sections: str) -> str:
-        """Short sha256 of the given sections (all when none): the params hash tag."""
+    def select(self, keys: Sequence[str]) -> dict[str, Any]:
+        """``{key: plain value}`` for top-level names (``"reid"``) or dotted keys (``"masks.out_dir"``)."""
         data = self.to_dict()
-        if sections:
-            data = {s: data[s] for s in sections}
+        out = {}
+        for key in keys:
+            node = data
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ConfigError(f"{key}: not a params key")
+                node = node[part]
+            out[key] = node
+        return out
+
+    def digest(self, *keys: str) -> str:
+        """Short sha256 of the given keys (all of params when none): the params hash tag."""
+        data = self.select(keys) if keys else self.to_dict()
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def only(self, keys: Sequence[str], stage: str = "this stage") -> ParamsView:
+        """A read-only view that lets ``stage`` read ``keys`` and nothing else (see :class:`ParamsView`)."""
+        return ParamsView(self, keys, stage)
+
+
+class ParamsView:
+    """The part of :class:`Params` a stage declares (its ``PARAMS``, equal to its dvc.yaml ``params``).
+
+    Reading anything else raises :class:`ConfigError` naming the key, so a stage can
+    never depend on a value that DVC does not track for it. ``reads`` records what
+    was read (``"reid"`` for a whole section, ``"masks.out_dir"`` for one key), which
+    lets tests check that the declaration lists nothing unused. :meth:`select`,
+    :meth:`digest` and :meth:`section` serve logging and hashing of declared keys.
+    """
+
+    def __init__(self, params: Params, keys: Sequence[str], stage: str) -> None:
+        params.select(keys)   # every declared key must exist
+        self._params, self.keys, self.stage = params, tuple(keys), stage
+        self.reads: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self.keys:
+            self.reads.add(name)
+            return getattr(self._params, name)
+        fields = tuple(k.partition(".")[2] for k in self.keys if k.partition(".")[0] == name)
+        if not fields:
+            raise ConfigError(f"{self.stage} reads params '{name}', which it does not declare "
+                              f"(declared: {', '.join(self.keys)}); add it to the stage's PARAMS and dvc.yaml")
+        return _SectionView(getattr(self._params, name), name, fields, self)
+
+    def section(self, name: str) -> dict[str, Any]:
+        if name not in self.keys:
+            raise ConfigError(f"{self.stage} reads params section '{name}', which it does not declare as a whole")
+        self.reads.add(name)
+        return self._params.section(name)
+
+    def select(self, keys: Sequence[str] | None = None) -> dict[str, Any]:
+        return self._params.select(self.keys if keys is None else keys)
+
+    def digest(self, *keys: str) -> str:
+        return self._params.digest(*(keys or self.keys))
+
+
+class _SectionView:
+    """One section of a :class:`ParamsView` of which only some keys are declared."""
+
+    def __init__(self, section: Any, name: str, fields: tuple[str, ...], owner: ParamsView) -> None:
+        self._section, self._name, self._fields, self._owner = section, name, fields, owner
+
+    def __getattr__(self, field: str) -> Any:
+        if field.startswith("_"):
+            raise AttributeError(field)
+        key = f"{self._name}.{field}"
+        if field not in self._fields:
+            raise ConfigError(f"{self._owner.stage} reads params '{key}', which it does not declare "
+                              f"(declared: {', '.join(self._owner.keys)}); add it to the stage's PARAMS and dvc.yaml")
+        self._owner.reads.add(key)
+        return getattr(self._section, field)
 
 
 # --------------------------------------------------------------------------- loading
@@ -294,6 +370,21 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
         return params_from_dict(raw, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def stage_params(params: Params | ParamsView | None, keys: Sequence[str], stage: str,
+                 path: str | Path = "params.yaml") -> ParamsView:
+    """What a stage's ``main`` works with: ``params`` (or ``path`` loaded) restricted to ``keys``.
+
+    A view handed in by a caller (a test that inspects ``reads``) is used as it is,
+    provided it declares the same keys.
+    """
+    if isinstance(params, ParamsView):
+        if set(params.keys) != set(keys):
+            raise ConfigError(f"{stage}: a params view of {sorted(params.keys)} was passed, the stage declares "
+                              f"{sorted(keys)}")
+        return params
+    return (params if params is not None else load_params(path)).only(keys, stage)
 
 
 def params_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = ()) -> Params:
@@ -442,8 +533,7 @@ def _check_cross_fields(p: Params) -> None:
     if p.data.source == "synthetic" and Path(p.data.root) != Path(p.synth.out_dir):
         raise ConfigError(f"data.root: got {p.data.root!r}; with data.source 'synthetic' it must be "
                           f"synth.out_dir ({p.synth.out_dir!r})")
-    subsets = {"vehicleid": {"800", "1600", "2400", "3200", "6000", "13164"},
-               "veriwild": {"small", "medium", "large"}}
+    subsets = {"vehicleid": set(VEHICLEID_SUBSETS), "veriwild": set(VERIWILD_SUBSETS)}
     allowed = subsets.get(p.data.source)
     if allowed is not None and p.data.test_subset not in allowed:
         raise ConfigError(f"data.test_subset: got {p.data.test_subset!r}, expected one of "

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 DEFAULT_EXPERIMENT = "pven"
 
@@ -103,12 +104,14 @@ def _is_number(value: Any) -> bool:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params, sections: Sequence[str], rank: int | None = None) -> Iterator[StageRun]:
+def stage_run(stage: str, params, keys: Sequence[str] | None = None, rank: int | None = None) -> Iterator[StageRun]:
     """Open the MLflow run of one stage execution and log the params it reads.
 
-    ``params`` is the loaded :class:`pipeline.config.Params`; ``sections`` the names of
-    the sections this stage reads (as listed in dvc.yaml), which are logged as params
-    and hashed into the ``params_hash`` tag. A failing stage ends its run as FAILED.
+    ``params`` is the loaded :class:`pipeline.config.Params` or a stage's
+    :class:`~pipeline.config.ParamsView`; ``keys`` the sections or dotted keys the stage
+    reads (default: the view's own, i.e. the stage's ``PARAMS`` = its dvc.yaml params),
+    which are logged as params and hashed into the ``params_hash`` tag. A failing
+    stage ends its run as FAILED.
     """
     rank = current_rank() if rank is None else rank
     if rank != 0:
@@ -119,12 +122,12 @@ def stage_run(stage: str, params, sections: Sequence[str], rank: int | None = No
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment_id=_experiment_id(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)))
-    tags = {"stage": stage, "git_commit": git_commit(), "params_hash": params.digest(*sections)}
+    keys = tuple(params.keys if keys is None else keys)
+    tags = {"stage": stage, "git_commit": git_commit(), "params_hash": params.digest(*keys)}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     with mlflow.start_run(run_name=stage, tags=tags) as run:
-        logged = {name: params.section(name) if name != "seed" else params.seed for name in sections}
-        mlflow.log_params(flatten(logged))
+        mlflow.log_params(flatten(params.select(keys)))
         yield StageRun(active=True, run_id=run.info.run_id)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.records import VIEW_NAMES
+from pipeline.constants import VIEW_NAMES
 
 # RGB per parsing label: 0 background, 1 front, 2 back, 3 side, 4 top.
 LABEL_COLOURS: np.ndarray = np.array(

@@ -4,21 +4,20 @@
     python stages/masks.py                                  # the same, by hand (one process)
     torchrun --nproc_per_node 4 stages/masks.py             # 4 processes (GPUs), shards split rank::4
 
-Reads params ``seed`` and ``masks``, the shards in ``shard.out_dir`` and the checkpoint
-in ``parser.out_dir`` (its config gives the input size). Writes ``masks.out_dir``: one
-shard per input shard, same samples in the same order, with the *predicted* ``mask.png``
+Reads params ``seed``, ``masks``, ``shard.out_dir`` (the shards) and ``parser.out_dir``
+(the checkpoint; its config gives the input size). Writes ``masks.out_dir``: one shard
+per input shard, same samples in the same order, with the *predicted* ``mask.png``
 (ground-truth masks are never copied) and a manifest; ``metrics/masks.json`` (per-view
 visibility and area, IoU against ground truth where it exists, images/s) and
 ``reports/masks_overlays.png`` (image | prediction | ground truth), logged to MLflow.
 Undecodable images are skipped and listed in the manifest.
 """
-import sys
 from pathlib import Path
 
 import torch
 
 from pipeline import atomic
-from pipeline.config import load_params
+from pipeline.config import Params, ParamsView, stage_params
 from pipeline.data.shards import MANIFEST
 from pipeline.dist.env import init_distributed, shutdown
 from pipeline.parsing.model import CHECKPOINT
@@ -26,37 +25,39 @@ from pipeline.parsing.predict import write_masked_shards
 from pipeline.parsing.report import masks_sheet, save_png
 from pipeline.tracking import stage_run
 
+PARAMS = ("seed", "masks", "shard.out_dir", "parser.out_dir")
 METRICS = Path("metrics/masks.json")
 OVERLAYS = Path("reports/masks_overlays.png")
 
 
-def main() -> None:
-    params = load_params("params.yaml")
-    cfg = params.masks
+def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> dict | None:
+    """Run the stage in ``root`` (the project folder; params paths are relative to it); rank 0 returns the metrics."""
+    root = Path(root)
+    params = stage_params(params, PARAMS, "masks", root / "params.yaml")
+    cfg, shards, out_dir = params.masks, root / params.shard.out_dir, root / params.masks.out_dir
     info = init_distributed()
     torch.manual_seed(params.seed)
     try:
-        with stage_run("masks", params, ["seed", "masks"], rank=info.rank) as run:
-            result = write_masked_shards(
-                params.shard.out_dir, cfg.out_dir, Path(params.parser.out_dir) / CHECKPOINT,
-                batch_size=cfg.batch_size, mask_size=cfg.mask_size, num_workers=cfg.num_workers,
-                rank=info.rank, world_size=info.world_size, device=info.device,
-                progress=info.is_main and sys.stderr.isatty())
+        with stage_run("masks", params, rank=info.rank) as run:
+            result = write_masked_shards(shards, out_dir, root / params.parser.out_dir / CHECKPOINT,
+                                         batch_size=cfg.batch_size, mask_size=cfg.mask_size,
+                                         num_workers=cfg.num_workers, info=info, show_progress=True)
             if info.is_main:
-                metrics = result["metrics"]
-                atomic.write_json(METRICS, metrics)
-                save_png(OVERLAYS, masks_sheet(cfg.out_dir, params.shard.out_dir))
-                run.log_metrics(metrics)
-                for path in (METRICS, OVERLAYS, Path(cfg.out_dir) / MANIFEST):
+                atomic.write_json(root / METRICS, result["metrics"])
+                save_png(root / OVERLAYS, masks_sheet(out_dir, shards))
+                run.log_metrics(result["metrics"])
+                for path in (root / METRICS, root / OVERLAYS, out_dir / MANIFEST):
                     run.log_artifact(path)
     finally:
         shutdown(info)
-    if info.is_main:
-        for item in result["manifest"]["skipped"]:
-            print(f"masks: skipped {item['split']} {item['shard']} {item['key']}: {item['reason']}")
-        held = metrics.get("heldout_truth", {}).get("miou")
-        print(f"masks: {metrics['images']} images, {metrics['skipped']} skipped, "
-              f"{metrics['images_per_s']} img/s, held-out mIoU {held}")
+    if not info.is_main:
+        return None
+    metrics = result["metrics"]
+    for item in result["manifest"]["skipped"]:
+        print(f"masks: skipped {item['split']} {item['shard']} {item['key']}: {item['reason']}")
+    print(f"masks: {metrics['images']} images, {metrics['skipped']} skipped, {metrics['images_per_s']} img/s, "
+          f"held-out mIoU {metrics.get('heldout_truth', {}).get('miou')}")
+    return metrics
 
 
 if __name__ == "__main__":

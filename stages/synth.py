@@ -9,26 +9,29 @@ PNGs, views.csv), ``reports/synth_contact_sheet.png`` and ``metrics/synth.json``
 from pathlib import Path
 
 from pipeline import atomic
-from pipeline.config import load_params
+from pipeline.config import Params, ParamsView, stage_params
 from pipeline.data.synthetic import render_dataset, write_contact_sheet
 from pipeline.tracking import stage_run
 
+PARAMS = ("seed", "synth")
 CONTACT_SHEET = Path("reports/synth_contact_sheet.png")
 METRICS = Path("metrics/synth.json")
 
 
-def main() -> None:
-    params = load_params("params.yaml")
-    out_dir = Path(params.synth.out_dir)
-    with stage_run("synth", params, ["seed", "synth"]) as run:
-        summary = render_dataset(params.synth, out_dir, params.seed)
-        CONTACT_SHEET.parent.mkdir(parents=True, exist_ok=True)
-        write_contact_sheet(out_dir, CONTACT_SHEET)
-        atomic.write_json(METRICS, summary)
+def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> dict:
+    """Run the stage in ``root`` (the project folder; params paths are relative to it); returns the metrics."""
+    root = Path(root)
+    params = stage_params(params, PARAMS, "synth", root / "params.yaml")
+    out_dir = root / params.synth.out_dir
+    with stage_run("synth", params) as run:
+        summary = render_dataset(params.synth, out_dir, params.seed, show_progress=True)
+        write_contact_sheet(out_dir, root / CONTACT_SHEET)
+        atomic.write_json(root / METRICS, summary)
         run.log_metrics(summary)
-        run.log_artifact(CONTACT_SHEET)
-        run.log_artifact(METRICS)
+        run.log_artifact(root / CONTACT_SHEET)
+        run.log_artifact(root / METRICS)
     print(f"synth: {summary}")
+    return summary
 
 
 if __name__ == "__main__":

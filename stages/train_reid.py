@@ -12,47 +12,45 @@ model.json), ``metrics/train.json``, ``plots/train_loss.csv``; resumable checkpo
 go to ``reid.checkpoint_dir`` (kept between runs, so a killed or requeued run
 continues; a changed config starts over; each restart attempt joins the process group
 under its own store prefix, see pipeline/dist/env.py). Multi-node: run the same torchrun on every
-node with ``--nnodes N --rdzv_backend c10d --rdzv_endpoint HOST:PORT`` (or srun, see
-cluster/); the checkpoint folder must be on shared storage.
+node with ``--nnodes N --rdzv_backend c10d --rdzv_endpoint HOST:PORT``; the
+checkpoint folder must be on shared storage.
 """
-import csv
-import io
 from pathlib import Path
 
-import torch
-
 from pipeline import atomic
-from pipeline.config import load_params
+from pipeline.config import Params, ParamsView, stage_params
 from pipeline.dist.env import init_distributed, shutdown
-from pipeline.reid.train import cpu_threads, train
+from pipeline.reid.train import STEP_COLUMNS, train
+from pipeline.threads import training_threads
 from pipeline.tracking import stage_run
 
+PARAMS = ("seed", "masks.out_dir", "reid")
 METRICS = Path("metrics/train.json")
 LOSS_CSV = Path("plots/train_loss.csv")
 
 
-def main() -> None:
-    params = load_params("params.yaml")
+def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> dict | None:
+    """Run the stage in ``root`` (the project folder; params paths are relative to it); rank 0 returns the metrics."""
+    root = Path(root)
+    params = stage_params(params, PARAMS, "train_reid", root / "params.yaml")
+    cfg = params.reid
     info = init_distributed()
-    if info.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(params.reid.num_workers))
     try:
-        with stage_run("train_reid", params, ["seed", "masks", "reid"]) as run:
-            result = train(params, info, run=run)
-            if info.is_main:
-                metrics = {**result.summary, "world_size": info.world_size, "backend": params.reid.backend,
-                           "num_classes": result.num_classes, "resumed_from": result.resumed_from,
-                           "history": result.history}
-                atomic.write_json(METRICS, metrics)
-                buf = io.StringIO()
-                writer = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "id", "gtri", "ltri", "lr"])
-                writer.writeheader()
-                writer.writerows(result.steps)
-                atomic.write_text(LOSS_CSV, buf.getvalue())
-                run.log_artifact(result.model_path, "model")
-                run.log_artifact(result.model_path.with_name("model.json"), "model")
-                run.log_artifact(LOSS_CSV)
-                print(f"train_reid: {result.summary}")
+        with training_threads(cfg.num_workers, info.device), stage_run("train_reid", params) as run:
+            result = train(params, info, data_dir=root / params.masks.out_dir, out_dir=root / cfg.out_dir,
+                           checkpoint_dir=root / cfg.checkpoint_dir, run=run)
+            if not info.is_main:
+                return None
+            metrics = {**result.summary, "world_size": info.world_size, "backend": cfg.backend,
+                       "num_classes": result.num_classes, "resumed_from": result.resumed_from,
+                       "history": result.history}
+            atomic.write_json(root / METRICS, metrics)
+            atomic.write_csv(root / LOSS_CSV, result.steps, list(STEP_COLUMNS))
+            for path in (result.model_path, result.model_path.with_name("model.json")):
+                run.log_artifact(path, "model")
+            run.log_artifact(root / LOSS_CSV)
+            print(f"train_reid: {result.summary}")
+            return metrics
     finally:
         shutdown(info)  # gloo processes may abort at exit without it
 

@@ -46,6 +46,7 @@ def write_project(dst: Path, overrides=TINY) -> Path:
     import shutil
 
     import yaml
+
     from pipeline.config import apply_overrides
 
     dst.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """params.yaml -> typed config: the real file loads, bad input names the key, value and rule."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ def test_real_params_file_loads_into_frozen_sections():
     assert isinstance(params, Params)
     assert params.data.source == "synthetic"
     assert params.synth.cameras_per_id == (3, 5)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         params.synth.train_ids = 1  # frozen
 
 

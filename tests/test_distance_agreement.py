@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation import DistanceSpec, FeatureSet, pven_distance, pven_distance_torch
-from pipeline.reid.distance import pairwise_local_distance
+from pipeline.evaluation import DistanceSpec, FeatureSet, pven_distance
+from pipeline.reid.distance import pairwise_local_distance, pven_distance_torch
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])

@@ -53,7 +53,8 @@ def test_evaluate_writes_metrics_cmc_embeddings_and_pictures(project):
         assert m["rank1"] <= m["rank5"] <= m["rank10"]
     cmc = (project / "plots/cmc.csv").read_text().splitlines()
     assert cmc[0] == "rank,global,local,pven" and len(cmc) > 1
-    q = {name: np.load(project / "embeddings/query" / f"{name}.npy") for name in ("global", "local", "visibility", "ids")}
+    q = {name: np.load(project / "embeddings/query" / f"{name}.npy")
+         for name in ("global", "local", "visibility", "ids")}
     assert q["global"].shape == (n_query, 512) and q["local"].shape == (n_query, 4, 512)
     assert q["visibility"].shape == (n_query, 4) and (q["visibility"] >= 0).all()
     assert np.load(project / "embeddings/gallery/ids.npy").shape == (n_gallery,)

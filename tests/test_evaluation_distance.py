@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.distance import (MODES, VARIANTS, DistanceSpec, FeatureSet, euclidean_distance,
-                                          pair_distance, pven_distance, pven_distance_torch)
+from pipeline.constants import VARIANTS
+from pipeline.evaluation import MODES, DistanceSpec, FeatureSet, euclidean_distance, pair_distance, pven_distance
+from pipeline.reid.distance import pven_distance_torch
 
 
 def loop_distance(qg, qp, qv, gg, gp, gv, spec: DistanceSpec) -> np.ndarray:
-    """method.md eq. 3-4 (and the official variant) written out pair by pair in float64."""
+    """docs/method.md eq. 3-4 (and the official variant) written out pair by pair in float64."""
     def norm(x):
         n = math.sqrt(sum(float(t) ** 2 for t in x))
         return [float(t) / max(n, 1e-12) for t in x] if spec.l2norm else [float(t) for t in x]

@@ -4,8 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluation import (DistanceSpec, FeatureSet, evaluate, evaluate_protocol, evaluate_vehicleid,
-                                 evaluate_veri776, evaluate_veriwild, vehicleid_split)
+from pipeline.evaluation import (
+    DistanceSpec,
+    FeatureSet,
+    evaluate,
+    evaluate_protocol,
+    evaluate_vehicleid,
+    evaluate_veri776,
+    evaluate_veriwild,
+    vehicleid_split,
+)
 
 
 def test_vehicleid_split_is_seeded_and_one_gallery_image_per_id():

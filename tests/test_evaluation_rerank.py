@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation import (DistanceSpec, FeatureSet, RerankConfig, RerankProvider, StreamingEvaluator,
-                                 evaluate, pven_distance, rank_metrics)
+from pipeline.evaluation import (
+    DistanceSpec,
+    FeatureSet,
+    RerankConfig,
+    RerankProvider,
+    StreamingEvaluator,
+    evaluate,
+    pven_distance,
+    rank_metrics,
+)
 
 
 def dense_rerank(dist_all: np.ndarray, nq: int, k1: int, k2: int, lam: float) -> np.ndarray:

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation import (MODES, VARIANTS, DistanceSpec, FeatureSet, StreamingEvaluator, evaluate,
-                                 pven_distance, rank_metrics)
+from pipeline.constants import VARIANTS
+from pipeline.evaluation import (
+    MODES,
+    DistanceSpec,
+    FeatureSet,
+    StreamingEvaluator,
+    evaluate,
+    pven_distance,
+    rank_metrics,
+)
 
 
 def make_problem(seed: int, nq: int, ng: int, nid: int, cg: int = 12, cp: int = 6, sep: float = 0.8,

@@ -10,10 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.shards import (ShardOptions, TrainStream, eval_pipeline, read_manifest, shard_urls,
-                                  write_shards, write_tar)
+from pipeline.data.shards import (
+    ShardOptions,
+    TrainStream,
+    eval_pipeline,
+    index_tar,
+    read_manifest,
+    shard_urls,
+    write_shards,
+    write_tar,
+)
 from pipeline.parsing.model import build_parser, save_checkpoint
-from pipeline.parsing.predict import index_tar, write_masked_shards
+from pipeline.parsing.predict import write_masked_shards
 from pipeline.parsing.report import masks_sheet
 from tests.test_shards import make_records
 
@@ -36,7 +44,8 @@ def raw_samples(url: str) -> list[dict]:
 
 def corrupt_sample(shard: Path, index: int, ext: str = "jpg") -> str:
     """Replace the ``ext`` member of the index-th sample of a shard by bytes no decoder accepts; returns its key."""
-    samples = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in raw_samples(str(shard))]
+    samples = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
+               for s in raw_samples(str(shard))]
     samples[index][ext] = b"\xff\xd8\xff\xe0 this is neither a jpeg nor json"
     write_tar(shard, samples)
     return samples[index]["__key__"]

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from pipeline.parsing.data import Augment, ParsingDataset, annotated_subset, augment, soft_labels
-from pipeline.parsing.model import (CheckpointError, build_parser, load_checkpoint, save_checkpoint,
-                                    to_input)
-from pipeline.parsing.train import (class_weights, confusion_matrix, iou_scores, pixel_counts, prior_bias,
-                                    train_parser)
+from pipeline.parsing.metrics import confusion_matrix, iou_scores
+from pipeline.parsing.model import CheckpointError, build_parser, load_checkpoint, save_checkpoint, to_input
+from pipeline.parsing.train import class_weights, pixel_counts, prior_bias, train_parser
 from pipeline.viz import LABEL_COLOURS
 
 TINY_ENCODER = "tu-mobilenetv3_small_050"  # 2.2 M parameters: builds and runs in a blink
@@ -65,7 +64,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     with pytest.raises(CheckpointError, match="run the train_parser stage"):
         load_checkpoint(tmp_path / "missing.pt")
     save_checkpoint(tmp_path / "bad_bias.pt", model, {**config, "logit_bias": [0.0, 1.0, 2.0]})
-    with pytest.raises(CheckpointError, match=r"bad_bias\.pt: config\.logit_bias has 3 values, expected one per class \(5\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"bad_bias\.pt: config\.logit_bias has 3 values, expected one per class \(5\)"):
         load_checkpoint(tmp_path / "bad_bias.pt")
 
 
@@ -136,8 +136,8 @@ def test_soft_labels_are_area_shares():
 
 
 def test_dataset_items_are_reproducible_per_epoch(tmp_path):
-    from tests.test_shards import make_records
     from pipeline.data.shards import ShardOptions, write_shards
+    from tests.test_shards import make_records
     write_shards(make_records(tmp_path / "raw", size=(48, 40)), tmp_path / "s",
                  ShardOptions(samples_per_shard=6, min_shards=2), seed=0)
     train, val = annotated_subset(tmp_path / "s", val_fraction=0.3, seed=0)

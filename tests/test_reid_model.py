@@ -11,8 +11,7 @@ from pipeline.config import LossConfig
 from pipeline.dist.checkpoint import torch_save_atomic
 from pipeline.reid.distance import euclidean, pairwise_local_distance
 from pipeline.reid.losses import batch_hard_triplet, id_loss, pven_loss
-from pipeline.reid.model import (PVEN, PretrainedError, load_model, mask_average_pool, masks_to_parts,
-                                 model_payload)
+from pipeline.reid.model import PVEN, PretrainedError, load_model, mask_average_pool, masks_to_parts, model_payload
 
 # Three images, C = 2. Parts: front, back, side, top.
 #   p: front (0, 0) area 2, side (1, 0) area 1;            back, top invisible

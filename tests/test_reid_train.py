@@ -117,7 +117,7 @@ def test_in_process_training_validates_checkpoints_and_resumes_finished_run(shar
     params = load_params(ROOT / "params.yaml", [*REID_TINY, "reid.val_every=1"])
     seen = []
     first = train(params, ONE, data_dir=shards, out_dir=tmp_path / "model", checkpoint_dir=tmp_path / "ckpt",
-                  on_epoch=seen.append, progress=False)
+                  on_epoch=seen.append, show_progress=False)
     assert [h["epoch"] for h in seen] == [1, 2] and all(0 < h["val_mAP"] <= 1 for h in seen)
     assert first.resumed_from is None and first.global_step == 10
     assert json.loads((tmp_path / "ckpt/latest.json").read_text())["step"] == 10
@@ -126,13 +126,13 @@ def test_in_process_training_validates_checkpoints_and_resumes_finished_run(shar
     assert meta["class_vids"] == list(range(8)) and model.classifier.out_features == 8
     # A finished run restarted (e.g. `dvc repro --force`): nothing to train, same model again.
     again = train(params, ONE, data_dir=shards, out_dir=tmp_path / "model2", checkpoint_dir=tmp_path / "ckpt",
-                  progress=False)
+                  show_progress=False)
     assert again.resumed_from == 10 and len(again.steps) == 10
     assert torch.equal(load_model(again.model_path)[0].neck.weight, model.neck.weight)
     # Changed params: the old checkpoints are not resumed but discarded.
     changed = load_params(ROOT / "params.yaml", [*REID_TINY, "reid.epochs=1", "reid.loss.w_ltri=0.5"])
     fresh = train(changed, ONE, data_dir=shards, out_dir=tmp_path / "model3", checkpoint_dir=tmp_path / "ckpt",
-                  progress=False)
+                  show_progress=False)
     assert fresh.resumed_from is None and fresh.global_step == 5
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000003", "step-00000005"]
 
@@ -143,7 +143,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 1, step 2.*Last good checkpoint: "
                                                  r".*step-00000001"):
         train(params, ONE, data_dir=shards, out_dir=tmp_path / "model", checkpoint_dir=tmp_path / "ckpt",
-              progress=False)
+              show_progress=False)
     assert json.loads((tmp_path / "ckpt/latest.json").read_text())["step"] == 1
     assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == ["step-00000001"]
     state = torch.load(tmp_path / "ckpt/step-00000001/engine/ddp.pt", weights_only=True)

@@ -8,11 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data.records import Record
-from pipeline.data.shards import (ShardError, ShardOptions, TrainStream, eval_pipeline, read_manifest,
-                                  shard_urls, write_shards)
+from pipeline.data.shards import (
+    ShardError,
+    ShardOptions,
+    TrainStream,
+    eval_pipeline,
+    read_manifest,
+    shard_urls,
+    write_shards,
+)
+from pipeline.dist.env import DistInfo
 
 
 def make_records(root: Path, n_train=20, n_query=4, n_gallery=10, size=(40, 32), labels=True):
@@ -55,7 +64,7 @@ def test_manifest_counts_hashes_and_sample_layout(tmp_path):
     assert len(train["shards"]) == 4  # ceil(20 / 6)
     assert sum(s["samples"] for s in train["shards"]) == 20
     assert len(manifest["splits"]["query"]["shards"]) == 2  # min_shards beats 4 / 6
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for shard in info["shards"]:
             data = (tmp_path / "shards" / shard["name"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == shard["sha256"]
@@ -70,7 +79,9 @@ def test_train_split_is_shuffled_deterministically_others_keep_order(tmp_path):
     a = write_shards(splits, tmp_path / "a", OPTS, seed=1)
     b = write_shards(splits, tmp_path / "b", OPTS, seed=1)
     c = write_shards(splits, tmp_path / "c", OPTS, seed=2)
-    hashes = lambda m: [s["sha256"] for s in m["splits"]["train"]["shards"]]
+
+    def hashes(m):
+        return [s["sha256"] for s in m["splits"]["train"]["shards"]]
     assert hashes(a) == hashes(b) != hashes(c)
     keys = [s["key"] for s in eval_pipeline(shard_urls(tmp_path / "a", "train"))]
     assert sorted(keys) == sorted(r.key for r in splits["train"]) and keys != [r.key for r in splits["train"]]
@@ -142,11 +153,16 @@ def test_eval_pipeline_partitions_samples_across_ranks(tmp_path):
     splits = make_records(tmp_path / "raw")
     write_shards(splits, tmp_path / "s", OPTS, seed=0)
     urls = shard_urls(tmp_path / "s", "train")
-    per_rank = [[s["key"] for s in eval_pipeline(urls, rank=r, world_size=2)] for r in range(2)]
+    per_rank = [[s["key"] for s in eval_pipeline(urls, info=rank_info(r, 2))] for r in range(2)]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == sorted(r.key for r in splits["train"])
+    assert rank_info(1, 3).share(urls) == [urls[1]]  # the one rule: items[rank::world_size]
     with pytest.raises(ValueError, match="only 4 shards"):
-        eval_pipeline(urls, rank=0, world_size=5)
+        eval_pipeline(urls, info=rank_info(0, 5))
+
+
+def rank_info(rank: int, world_size: int) -> DistInfo:
+    return DistInfo(rank=rank, world_size=world_size, local_rank=0, device=torch.device("cpu"), owns_group=False)
 
 
 def test_train_stream_fixed_batches_reproducible_per_seed_epoch_rank(tmp_path):

@@ -7,9 +7,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.fixtures_datasets import make_veri776, make_vehicleid, make_veriwild
-from pipeline.data.sources import (DatasetError, read_dataset, read_synthetic, read_veri776,
-                                   read_veri776_index, read_vehicleid, read_veriwild)
+from pipeline.data.sources import (
+    DatasetError,
+    read_dataset,
+    read_synthetic,
+    read_vehicleid,
+    read_veri776,
+    read_veri776_index,
+    read_veriwild,
+)
+from tests.fixtures_datasets import make_vehicleid, make_veri776, make_veriwild
 
 
 def _edit_lines(path: Path, edit) -> None:

@@ -11,8 +11,15 @@ import pytest
 from PIL import Image
 
 from pipeline.config import SynthConfig
-from pipeline.data.synthetic import (BODY_TYPES, LABEL_COLOURS, build_vehicle, overlay_labels,
-                                     render_dataset, render_example, write_contact_sheet)
+from pipeline.data.synthetic import (
+    BODY_TYPES,
+    LABEL_COLOURS,
+    build_vehicle,
+    overlay_labels,
+    render_dataset,
+    render_example,
+    write_contact_sheet,
+)
 from pipeline.data.synthetic.scene import camera_spec, frame, image_view
 
 TINY = SynthConfig(train_ids=4, test_ids=3, cameras=4, cameras_per_id=(2, 3),

@@ -90,7 +90,8 @@ def mlflow_server(tmp_path):
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(tmp_path / 'mlflow-server.log').read_text()[-3000:]}")
+                log = (tmp_path / "mlflow-server.log").read_text()[-3000:]
+                raise RuntimeError(f"mlflow server did not start:\n{log}")
             time.sleep(0.5)
         yield url
     finally:

@@ -12,8 +12,9 @@ synthetic set have explicit ``query`` and ``gallery`` splits."""
 
 SPLITS: tuple[str, ...] = ("train", "query", "gallery", "test")
 
-# Parsing labels (method.md §1). The renderer, the parser and the ReID masks share them.
-VIEW_NAMES: tuple[str, ...] = ("background", "front", "back", "side", "top")
+# Columns of the synthetic set's views.csv (written by the renderer, read by sources):
+# image folder and file name, vehicle id, camera, and the view in degrees.
+VIEWS_COLUMNS: tuple[str, ...] = ("folder", "name", "vid", "camera", "azimuth_deg", "elevation_deg")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ with unequal data never wait on each other at the end of an epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -28,11 +29,13 @@ import math
 import os
 import random
 import shutil
+import tarfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,14 +43,20 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import atomic
-from pipeline.data.records import Record, SPLITS
+from pipeline.constants import NUM_LABELS
+from pipeline.data.records import SPLITS, Record
+from pipeline.dist.env import DistInfo
+from pipeline.progress import progress
 
 MANIFEST = "manifest.json"
-NUM_LABELS = 5  # 0 background, 1 front, 2 back, 3 side, 4 top
 
 
 class ShardError(RuntimeError):
     """An input that cannot be sharded (raised for corrupt images in strict mode)."""
+
+
+class ShardReadError(RuntimeError):
+    """A shard that is not a readable tar (single bad images are skipped; a broken shard is fatal)."""
 
 
 @dataclass(frozen=True)
@@ -60,17 +69,24 @@ class ShardOptions:
     jpeg_quality: int = 95
     strict: bool = False
 
+    @classmethod
+    def from_config(cls, cfg) -> ShardOptions:
+        """From the params ``shard`` section (:class:`pipeline.config.ShardConfig`)."""
+        return cls(samples_per_shard=cfg.samples_per_shard, min_shards=cfg.min_shards, resize=cfg.resize,
+                   keep_originals=cfg.keep_originals, jpeg_quality=cfg.jpeg_quality, strict=cfg.strict)
+
 
 # --------------------------------------------------------------------------- writing
 
 def write_shards(splits: dict[str, list[Record]], out_dir: Path, opts: ShardOptions,
-                 seed: int, workers: int = 1, extra: dict | None = None) -> dict:
+                 seed: int, workers: int = 1, extra: dict | None = None, show_progress: bool = False) -> dict:
     """Shard every split into ``out_dir`` and return the manifest (also written there).
 
     The training split is shuffled with ``seed`` before it is cut into shards, so each
     shard holds a mix of identities; other splits keep their list order. The folder is
     built under a temporary name and swapped in at the end: an interrupted run leaves
-    the previous output (or nothing), never a partial shard.
+    the previous output (or nothing), never a partial shard. ``show_progress`` reports
+    the shards written so far (:mod:`pipeline.progress`).
     """
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -90,11 +106,13 @@ def write_shards(splits: dict[str, list[Record]], out_dir: Path, opts: ShardOpti
                      for i, chunk in enumerate(_even_chunks(records, opts))]
     write = functools.partial(_write_one_shard, opts=opts)
     try:
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                results = list(pool.map(write, [j[1] for j in jobs], [j[2] for j in jobs]))
-        else:
-            results = [write(chunk, path) for _, chunk, path in jobs]
+        with contextlib.ExitStack() as stack:
+            if workers > 1:
+                pool = stack.enter_context(ProcessPoolExecutor(workers))
+                done = pool.map(write, [j[1] for j in jobs], [j[2] for j in jobs])
+            else:
+                done = (write(chunk, path) for _, chunk, path in jobs)
+            results = list(progress(done, desc="shard", unit="shard", total=len(jobs), enabled=show_progress))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -115,6 +133,15 @@ def write_shards(splits: dict[str, list[Record]], out_dir: Path, opts: ShardOpti
     atomic.write_json(staging / MANIFEST, manifest)
     atomic.swap_dir(staging, out_dir)
     return manifest
+
+
+def shard_metrics(manifest: dict) -> dict:
+    """metrics/shard.json: per split its counts and number of shards, inputs skipped, seconds."""
+    metrics = {split: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
+               for split, info in manifest["splits"].items()}
+    metrics["skipped"] = len(manifest["skipped"])
+    metrics["seconds"] = manifest["seconds"]
+    return metrics
 
 
 def _even_chunks(records: list[Record], opts: ShardOptions) -> list[list[Record]]:
@@ -251,36 +278,100 @@ def shard_urls(shard_dir: Path, split: str) -> list[str]:
     return [str(Path(shard_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]
 
 
+def decode_image(data: bytes) -> np.ndarray:
+    """JPEG (or any PIL-readable) bytes -> (H, W, 3) uint8 RGB, fully decoded (a truncated file fails here)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.array(im.convert("RGB"))
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """Label PNG bytes -> (H, W) uint8 labels (read as mode L: WebDataset's "pil" would make it RGB)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.array(im if im.mode == "L" else im.convert("L"))
+
+
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Bytes -> arrays: ``image`` HxWx3 uint8 RGB, ``mask`` HxW uint8 labels or None, ``meta`` dict."""
-    with Image.open(io.BytesIO(sample["jpg"])) as im:
-        image = np.array(im.convert("RGB"))
-    mask = None
-    if "mask.png" in sample:
-        with Image.open(io.BytesIO(sample["mask.png"])) as im:
-            mask = np.array(im)  # mode L stays single-channel (WebDataset's "pil" would make it RGB)
-    return {"key": sample["__key__"], "image": image, "mask": mask, "meta": json.loads(sample["json"])}
+    mask = decode_mask(sample["mask.png"]) if "mask.png" in sample else None
+    return {"key": sample["__key__"], "image": decode_image(sample["jpg"]), "mask": mask,
+            "meta": json.loads(sample["json"])}
 
 
-def _split_by_rank(urls: Iterable, rank: int, world_size: int) -> Iterator:
-    """Explicit node splitter: rank r takes shards r, r+w, r+2w, ..."""
-    for i, url in enumerate(urls):
-        if i % world_size == rank:
-            yield url
+def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Samples of a WebDataset tar in file order: ``[(key, {ext: (byte offset, size)})]``.
 
-
-def eval_pipeline(urls: Sequence[str], rank: int = 0, world_size: int = 1,
-                  map_fn: Callable[[dict], Any] = decode_sample) -> wds.DataPipeline:
-    """Every sample of ``urls`` once over all ranks, in shard order; no shuffling.
-
-    Use with ``torch.utils.data.DataLoader(pipeline, batch_size=..., num_workers=n)``:
-    shards are further split among the loader's workers.
+    Only headers are read. A sample's files share the name before the first dot
+    (WebDataset's rule), e.g. ``k.jpg``, ``k.json``, ``k.mask.png``. Raises
+    :class:`ShardReadError` naming the file when it is not a readable tar.
     """
-    if world_size > len(urls):
-        raise ValueError(f"{world_size} ranks but only {len(urls)} shards: raise shard.min_shards")
+    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if not out or out[-1][0] != key:
+                    out.append((key, {}))
+                out[-1][1][ext] = (member.offset_data, member.size)
+    except (OSError, tarfile.TarError) as exc:
+        raise ShardReadError(f"{path}: not a readable shard ({type(exc).__name__}: {exc}); "
+                             "rerun the shard stage") from None
+    return out
+
+
+def read_members(path: str | Path, members: dict[str, tuple[int, int]],
+                 exts: Sequence[str] | None = None) -> dict[str, bytes]:
+    """The bytes of one sample's members (an entry of :func:`index_tar`), optionally only ``exts``."""
+    raw = {}
+    with open(path, "rb") as f:
+        for ext, (offset, size) in members.items():
+            if exts is None or ext in exts:
+                f.seek(offset)
+                raw[ext] = f.read(size)
+    return raw
+
+
+def iter_samples(path: str | Path, exts: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__": key, ext: bytes, ...}`` of one tar in file order, read lazily.
+
+    ``exts`` limits the members read (e.g. ``("json",)``: only metadata, no image bytes).
+    """
+    for key, members in index_tar(path):
+        yield {"__key__": key, **read_members(path, members, exts)}
+
+
+def fetch_samples(shard_dir: Path, split: str, keys: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(rgb, labels) of the samples of ``split`` whose key is in ``keys``; labels are zeros without a mask.
+
+    One pass over the split's shards, stopping once every key is found.
+    """
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for url in shard_urls(shard_dir, split):
+        for key, members in index_tar(url):
+            if key in keys and key not in found:
+                decoded = decode_sample({"__key__": key, **read_members(url, members)})
+                image, mask = decoded["image"], decoded["mask"]
+                found[key] = (image, mask if mask is not None else np.zeros(image.shape[:2], np.uint8))
+        if len(found) == len(keys):
+            break
+    return found
+
+
+def eval_pipeline(urls: Sequence[str], map_fn: Callable[[dict], Any] = decode_sample,
+                  info: DistInfo | None = None) -> wds.DataPipeline:
+    """Every sample of ``urls`` in shard order, no shuffling; with ``info`` only this rank's share.
+
+    Over all ranks each sample comes exactly once (:meth:`DistInfo.share`). Use with
+    ``torch.utils.data.DataLoader(pipeline, batch_size=..., num_workers=n)``: shards
+    are further split among the loader's workers.
+    """
+    if info is not None:
+        if info.world_size > len(urls):
+            raise ValueError(f"{info.world_size} ranks but only {len(urls)} shards: raise shard.min_shards")
+        urls = info.share(urls)
     return wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
-        functools.partial(_split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
         wds.tarfile_to_samples(),
         wds.map(map_fn),

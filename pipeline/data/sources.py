@@ -32,13 +32,14 @@ import csv
 import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
-from pipeline.data.records import Record
+from pipeline.constants import VEHICLEID_SUBSETS, VERIWILD_SUBSETS
+from pipeline.data.records import VIEWS_COLUMNS, Record
 
 __all__ = [
-    "DatasetError", "SOURCES", "VEHICLEID_SUBSETS", "VERIWILD_SUBSETS",
+    "DatasetError", "SOURCES",
     "read_dataset", "read_veri776", "read_synthetic", "read_vehicleid", "read_veriwild",
     "read_veri776_index",
 ]
@@ -49,11 +50,7 @@ class DatasetError(ValueError):
 
 
 SOURCES: tuple[str, ...] = ("synthetic", "veri776", "vehicleid", "veriwild")
-VEHICLEID_SUBSETS: tuple[str, ...] = ("800", "1600", "2400", "3200", "6000", "13164")
-# VERI-Wild test sets are named by their query count.
-VERIWILD_SUBSETS: dict[str, int] = {"small": 3000, "medium": 5000, "large": 10000}
 VERIWILD_HEADER = "id/image;Camera ID;Time;Model;Type;Color"
-VIEWS_HEADER = ("folder", "name", "vid", "camera", "azimuth_deg", "elevation_deg")
 
 # VeRi-776 split -> (image folder, list file)
 VERI_SPLITS: dict[str, tuple[str, str]] = {
@@ -213,15 +210,15 @@ def _read_views(path: Path) -> dict[tuple[str, str], tuple[int, int, float, floa
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != VIEWS_HEADER:
-            raise DatasetError(f"{path}:1: got header {header!r}, expected {','.join(VIEWS_HEADER)}")
+        if header is None or tuple(h.strip() for h in header) != VIEWS_COLUMNS:
+            raise DatasetError(f"{path}:1: got header {header!r}, expected {','.join(VIEWS_COLUMNS)}")
         for row in reader:
             number = reader.line_num
             if not row:
                 continue
-            if len(row) != len(VIEWS_HEADER):
-                raise DatasetError(f"{path}:{number}: got {row!r}, expected {len(VIEWS_HEADER)} "
-                                   f"fields ({','.join(VIEWS_HEADER)})")
+            if len(row) != len(VIEWS_COLUMNS):
+                raise DatasetError(f"{path}:{number}: got {row!r}, expected {len(VIEWS_COLUMNS)} "
+                                   f"fields ({','.join(VIEWS_COLUMNS)})")
             folder, name = row[0].strip(), row[1].strip()
             try:
                 vid, camera = int(row[2]), int(row[3])
@@ -364,7 +361,7 @@ def read_veriwild(root: str | Path, test_subset: str | None) -> dict[str, list[R
     Cameras come from ``train_test_split/vehicle_info.txt`` (read once, streaming).
     """
     subset = _subset("veriwild", test_subset, tuple(VERIWILD_SUBSETS))
-    n = VERIWILD_SUBSETS[subset]
+    n = VERIWILD_SUBSETS[subset][0]  # the lists are named by their query (= identity) count
     root = _require_dir(Path(root), "VERI-Wild root")
     images = _require_dir(root / "images", "VERI-Wild image folder")
     lists = root / "train_test_split"

@@ -1,4 +1,6 @@
-"""ReID evaluation: exact ranking metrics, PVEN distances, streaming evaluation, protocols, re-ranking.
+"""ReID evaluation, features in and metrics out: exact streaming metrics, PVEN distances,
+dataset protocols, re-ranking. It never imports the model, shards or torch.distributed
+(docs/architecture.md).
 
 Quick use::
 
@@ -8,21 +10,36 @@ Quick use::
     m = evaluate(q, g, DistanceSpec(mode="pven"))                 # exact, O(block) memory
     m.mAP, m.mINP, m.rank(1), m.summary()
 
-Modules: :mod:`.metrics` (``rank_metrics`` on a dense matrix, tie rule), :mod:`.distance`
-(Euclidean / PVEN distances, ``pven_distance_torch`` for losses), :mod:`.streaming`
-(``StreamingEvaluator``), :mod:`.protocols` (VeRi-776, VehicleID, VERI-Wild, synthetic),
-:mod:`.rerank` (k-reciprocal re-ranking).
+Modules: :mod:`.features` (``FeatureSet``, embedding folders), :mod:`.spec`
+(``DistanceSpec``: which distance), :mod:`.kernel` (the tiled GEMM kernel),
+:mod:`.dense` (dense matrices on that kernel), :mod:`.reference` (float64 pair
+distances), :mod:`.metrics` (``rank_metrics`` on a dense matrix, tie rule, block
+counting), :mod:`.provider` / :mod:`.tiled` (distance providers), :mod:`.streaming`
+(``StreamingEvaluator``), :mod:`.rerank` (k-reciprocal re-ranking), :mod:`.protocols`
+(VeRi-776, VehicleID, VERI-Wild, synthetic), :mod:`.report` (the evaluate stage's
+metrics and pictures).
 """
-from .distance import (DEFAULT_TILE, MODES, VARIANTS, DistanceSpec, FeatureSet, euclidean_distance,
-                       pair_distance, pven_distance, pven_distance_torch)
+from .dense import euclidean_distance, pven_distance
+from .features import FeatureSet, load_features
+from .kernel import DEFAULT_TILE
 from .metrics import RankMetrics, rank_metrics
-from .protocols import (PROTOCOLS, VERIWILD_SUBSETS, ProtocolResult, evaluate_protocol, evaluate_synthetic,
-                        evaluate_vehicleid, evaluate_veri776, evaluate_veriwild, vehicleid_split)
+from .protocols import (
+                        PROTOCOLS,
+                        ProtocolResult,
+                        evaluate_protocol,
+                        evaluate_synthetic,
+                        evaluate_vehicleid,
+                        evaluate_veri776,
+                        evaluate_veriwild,
+                        vehicleid_split,
+)
+from .reference import pair_distance
 from .rerank import RerankConfig, RerankProvider, rerank_memory_estimate
+from .spec import MODES, DistanceSpec
 from .streaming import StreamingEvaluator, evaluate
 
-__all__ = ["DEFAULT_TILE", "MODES", "VARIANTS", "DistanceSpec", "FeatureSet", "euclidean_distance",
-           "pair_distance", "pven_distance", "pven_distance_torch", "RankMetrics", "rank_metrics",
-           "PROTOCOLS", "VERIWILD_SUBSETS", "ProtocolResult", "evaluate_protocol", "evaluate_synthetic",
+__all__ = ["DEFAULT_TILE", "MODES", "DistanceSpec", "FeatureSet", "load_features", "euclidean_distance",
+           "pair_distance", "pven_distance", "RankMetrics", "rank_metrics",
+           "PROTOCOLS", "ProtocolResult", "evaluate_protocol", "evaluate_synthetic",
            "evaluate_vehicleid", "evaluate_veri776", "evaluate_veriwild", "vehicleid_split",
            "RerankConfig", "RerankProvider", "rerank_memory_estimate", "StreamingEvaluator", "evaluate"]

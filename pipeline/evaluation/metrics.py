@@ -1,6 +1,6 @@
 """Exact ReID ranking metrics (mAP, CMC, mINP) that never sort a gallery row.
 
-Protocol (Market-1501 / VeRi-776 style, method.md §6):
+Protocol (Market-1501 / VeRi-776 style, docs/method.md §6):
 
 * For a query, a gallery entry with the same id is a *true match* (positive), except
   that with ``remove_junk`` an entry with the same id AND the same camera is *junk*:
@@ -33,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class RankMetrics:
         out["num_skipped"] = int(self.num_skipped)
         return out
 
-    def same_as(self, other: "RankMetrics") -> bool:
+    def same_as(self, other: RankMetrics) -> bool:
         """Bitwise equality of every metric and per-query value (NaN equal to NaN)."""
         return (self.num_queries == other.num_queries and self.num_skipped == other.num_skipped
                 and _eq(self.mAP, other.mAP) and _eq(self.mINP, other.mINP)

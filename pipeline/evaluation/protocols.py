@@ -1,4 +1,4 @@
-"""Evaluation protocols of the datasets (method.md §6): who is query, who is gallery, what is junk.
+"""Evaluation protocols of the datasets (docs/method.md §6): who is query, who is gallery, what is junk.
 
 * ``veri776`` and ``synthetic``: the given query and gallery splits; gallery images
   with the query's id AND camera are junk (removed).
@@ -23,16 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from .distance import DistanceSpec, FeatureSet
+from pipeline.constants import VERIWILD_SUBSETS
+
+from .features import FeatureSet
 from .metrics import RankMetrics
+from .spec import DistanceSpec
 from .streaming import evaluate
 
-__all__ = ["PROTOCOLS", "VERIWILD_SUBSETS", "ProtocolResult", "evaluate_veri776", "evaluate_synthetic",
+__all__ = ["PROTOCOLS", "ProtocolResult", "evaluate_veri776", "evaluate_synthetic",
            "evaluate_veriwild", "evaluate_vehicleid", "vehicleid_split", "evaluate_protocol"]
 
 PROTOCOLS = ("veri776", "synthetic", "veriwild", "vehicleid")
-# (queries, gallery images) of the official VERI-Wild test lists
-VERIWILD_SUBSETS = {"small": (3000, 38861), "medium": (5000, 64389), "large": (10000, 128517)}
 _SUMMARY_RANKS = (1, 5, 10)
 
 

@@ -34,8 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distance import DEFAULT_TILE, DistanceSpec, FeatureSet, pair_distance
-from .streaming import TiledProvider
+from .features import FeatureSet
+from .kernel import DEFAULT_TILE, round_up
+from .metrics import BlockRanker
+from .reference import pair_distance
+from .spec import DistanceSpec
+from .tiled import TiledProvider
 
 __all__ = ["RerankConfig", "RerankProvider", "rerank_memory_estimate"]
 
@@ -78,9 +82,11 @@ def rerank_memory_estimate(n_images: int, cfg: RerankConfig) -> int:
 
 
 class RerankProvider:
-    """Distance provider (see :class:`~pipeline.evaluation.streaming.TiledProvider`) giving
-    re-ranked distances; pass it to :class:`StreamingEvaluator` via ``provider=`` or use
-    ``evaluate(..., rerank=RerankConfig())``."""
+    """A :class:`~pipeline.evaluation.provider.DistanceProvider` giving re-ranked distances;
+    pass it to the streaming evaluator via ``provider=`` or use ``evaluate(..., rerank=RerankConfig())``.
+
+    Negatives are counted from whole distance blocks (the Jaccard term needs the block).
+    """
 
     def __init__(self, query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec, cfg: RerankConfig, *,
                  q_block: int, g_block: int, matmul_dtype: torch.dtype | None = None,
@@ -106,6 +112,10 @@ class RerankProvider:
     @property
     def flops(self) -> int:
         return self.base.flops
+
+    @property
+    def counting_seconds(self) -> float:
+        return 0.0   # counting is not fused: it is ranking time in the evaluator's own measure
 
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
@@ -266,10 +276,22 @@ class RerankProvider:
     def gallery(self, s: int, e: int) -> dict[str, Any]:
         return {"s": s, "e": e, "base": self.base.gallery(s, e)}
 
-    def distances(self, qh: dict[str, Any], gh: dict[str, Any], c0: int, c1: int) -> torch.Tensor:
+    def range_buffer(self, qh: dict[str, Any], width: int) -> torch.Tensor:
+        return torch.empty(qh["base"].n_pad * round_up(width, self.tn))
+
+    def count(self, qh: dict[str, Any], gh: dict[str, Any], c0: int, c1: int, ranker: BlockRanker,
+              q_codes: np.ndarray | None = None, g_codes: np.ndarray | None = None) -> None:
+        ranker.add_block(self.distances(qh, gh, c0, c1), q_codes, g_codes)
+
+    def count_stored(self, d: torch.Tensor, ranker: BlockRanker, q_codes: np.ndarray,
+                     g_codes: np.ndarray) -> None:
+        ranker.add_block(d, q_codes, g_codes)
+
+    def distances(self, qh: dict[str, Any], gh: dict[str, Any], c0: int, c1: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
         d = self.base.distances(qh["base"], gh["base"], c0, c1)
         n, w = d.shape
-        out = self._buf[:n * w].view(n, w)
+        out = (self._buf if out is None else out)[:n * w].view(n, w)
         lam = float(self.cfg.lambda_)
         torch.div(d, qh["scale"][:, None], out=out)
         out.mul_(lam)

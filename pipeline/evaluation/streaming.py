@@ -1,10 +1,10 @@
 """Streaming ReID evaluation: distances block by block, never the full (Q, G) matrix.
 
 :class:`StreamingEvaluator` ranks a gallery for every query with the distance of a
-:class:`~pipeline.evaluation.distance.DistanceSpec` (``global``, ``local``, ``pven``;
+:class:`~pipeline.evaluation.spec.DistanceSpec` (``global``, ``local``, ``pven``;
 ``paper`` or ``official``) and returns exactly the :class:`RankMetrics` that
 :func:`~pipeline.evaluation.metrics.rank_metrics` gives on the dense matrix of
-:func:`~pipeline.evaluation.distance.pven_distance` (same spec, tile and matmul dtype):
+:func:`~pipeline.evaluation.dense.pven_distance` (same spec, tile and matmul dtype):
 both rank bitwise-identical distance values with the same counting code.
 
 Memory: O(q_block x g_block) distances (plus at most ``range_cap`` columns for the
@@ -40,146 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distance import (DEFAULT_TILE, NUM_PARTS, BlockKernel, Chunk, DistanceSpec, FeatureSet, PreparedSet,
-                       _round_up, check_tile, kernel_threads)
-from .metrics import BlockRanker, MetricAccumulator, RankMetrics, TileCounter, encode_cams, encode_ids
+from .features import FeatureSet
+from .kernel import DEFAULT_TILE, round_up
+from .metrics import BlockRanker, MetricAccumulator, RankMetrics, encode_cams, encode_ids
+from .provider import DistanceProvider
+from .rerank import RerankConfig, RerankProvider
+from .spec import DistanceSpec
+from .tiled import TiledProvider
 
-__all__ = ["StreamingEvaluator", "evaluate", "TiledProvider"]
-
-
-class TiledProvider:
-    """Distances of ``spec`` with the tiled GEMM kernel (the default provider).
-
-    Provider protocol used by :class:`StreamingEvaluator` (re-ranking implements it too):
-    ``set_gallery_order(perm)`` fixes the order in which gallery rows are requested;
-    ``queries(rows)`` lays out query rows (original indices) and ``gallery(s, e)`` the
-    gallery rows at positions ``s:e`` of that order; ``distances(qh, gh, c0, c1)``
-    returns the (n_queries, c1 - c0) distances to the handle's rows ``c0:c1`` (``c0`` a
-    tile multiple) as a view into a reused buffer (copy it to keep it); optional
-    ``count(qh, gh, c0, c1, ranker)`` counts those rows as negatives without storing
-    them. ``start()``/``close()`` bracket a run (threads, buffers). ``cache_bytes``:
-    the gallery's GEMM layout is built once if it fits (else per chunk, twice per row).
-    """
-
-    def __init__(self, query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec, *, q_block: int,
-                 g_block: int, matmul_dtype: torch.dtype | None = None,
-                 tile: tuple[int, int] = DEFAULT_TILE, cache_bytes: int = 3 << 29) -> None:
-        self.spec, self.tile, self.bf16 = spec, tuple(tile), matmul_dtype == torch.bfloat16
-        self.cache_bytes = int(cache_bytes)
-        self._cache: Chunk | None = None
-        self.tm, self.tn = check_tile(tile)
-        self.qs = PreparedSet(query, spec, matmul_dtype)
-        self.gs = PreparedSet(gallery, spec, matmul_dtype)
-        self.q_block = _round_up(max(1, int(q_block)), self.tm)
-        self.g_block = _round_up(max(1, int(g_block)), self.tn)
-        k = 0
-        if spec.uses_global:
-            k += self.qs.g.shape[1] + 2
-        if spec.uses_local:
-            k += NUM_PARTS * (self.qs.p.shape[2] + 2) + NUM_PARTS
-        self.flops_per_pair = 2 * k   # all GEMMs, per (padded) query-gallery pair
-        self.flops = 0
-        self.counting_seconds = 0.0   # wall-time share of negative counting done on the workers
-        self.kernel: BlockKernel | None = None
-        self._buf = torch.empty(0)
-        self._threads: Any = None
-
-    def start(self) -> None:
-        self._threads = kernel_threads()
-        workers = self._threads.__enter__()
-        self.kernel = BlockKernel(self.spec, self.tile, bf16=self.bf16, workers=workers)
-        self._buf = torch.empty(min(self.q_block, _round_up(max(self.qs.n, 1), self.tm))
-                                * min(self.g_block, _round_up(max(self.gs.n, 1), self.tn)))
-
-    def close(self) -> None:
-        if self.kernel is not None:
-            self.kernel.close()
-            self.kernel = None
-        if self._threads is not None:
-            self._threads.__exit__(None, None, None)
-            self._threads = None
-        self._buf = torch.empty(0)
-        self._cache = None
-
-    def queries(self, rows: torch.Tensor) -> Chunk:
-        n = int(rows.numel())
-        if n > self.q_block:
-            raise ValueError(f"{n} queries exceed q_block={self.q_block}")
-        return self.qs.chunk(rows, "query", _round_up(n, self.tm), pool=self.kernel.pool())
-
-    def set_gallery_order(self, perm: np.ndarray) -> None:
-        """Gallery rows will be requested by position in ``perm`` order (the evaluator's id order).
-
-        If the whole gallery's GEMM layout fits in ``cache_bytes`` it is built once here
-        and :meth:`gallery` returns views of it; otherwise each request lays out its rows.
-        """
-        self._perm = torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64))
-        self._identity = bool(np.array_equal(perm, np.arange(len(perm))))
-        self._cache = None
-        if self.gs.layout_bytes(_round_up(self.gs.n, self.tn)) <= self.cache_bytes:
-            self._cache = self.gs.chunk(self._index(0, self.gs.n), "gallery",
-                                        _round_up(self.gs.n, self.tn), pool=self.kernel.pool())
-
-    def _index(self, s: int, e: int) -> torch.Tensor | slice:
-        return slice(s, e) if self._identity else self._perm[s:e]
-
-    def gallery(self, s: int, e: int) -> Chunk:
-        """Layout of the gallery rows at positions ``s:e`` of the order (``s`` a tile multiple)."""
-        if self._cache is not None:
-            sub = self._cache.rows(s, _round_up(e, self.tn))
-            sub.n = e - s
-            return sub
-        return self.gs.chunk(self._index(s, e), "gallery", _round_up(e - s, self.tn), pool=self.kernel.pool())
-
-    def count(self, q: Chunk, g: Chunk, c0: int, c1: int, ranker: BlockRanker,
-              q_codes: np.ndarray | None = None, g_codes: np.ndarray | None = None) -> None:
-        """Count gallery rows ``c0:c1`` of ``g`` as negatives for ``ranker``'s queries.
-
-        Fused: each tile is filtered against the queries' farthest positives by the
-        worker that computed it, while it is in cache; no (n, c1 - c0) block is stored.
-        With codes, same-code entries (positives, junk) are left out.
-        """
-        sub = g.rows(c0, _round_up(c1, self.tn))
-        counter = TileCounter(ranker, self.kernel.workers, c1 - c0, q_codes, g_codes)
-        self.kernel.block(q, sub, None, counter)
-        self.flops += self.flops_per_pair * q.n_pad * sub.n_pad
-        counter.flush()
-        self.counting_seconds += sum(counter.seconds) / self.kernel.workers
-
-    def count_stored(self, d: torch.Tensor, ranker: BlockRanker, q_codes: np.ndarray,
-                     g_codes: np.ndarray) -> None:
-        """Count the negatives of a stored distance block ``d`` (n, w), tile by tile on the workers."""
-        counter = TileCounter(ranker, self.kernel.workers, d.shape[1], q_codes, g_codes)
-        tiles = [(i0, j0) for j0 in range(0, d.shape[1], self.tn) for i0 in range(0, d.shape[0], self.tm)]
-
-        def work(w: int) -> None:
-            for i0, j0 in tiles[w::self.kernel.workers]:
-                counter(w, i0, j0, d[i0:i0 + self.tm, j0:j0 + self.tn])
-        pool = self.kernel.pool()
-        if pool is None:
-            work(0)
-        else:
-            for f in [pool.submit(work, w) for w in range(self.kernel.workers)]:
-                f.result()
-        counter.flush()
-
-    def distances(self, q: Chunk, g: Chunk, c0: int, c1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(q.n, c1 - c0) distances; into ``out`` (>= q.n_pad x padded width elements, e.g.
-        from :meth:`range_buffer`) if given, else into the reused buffer."""
-        sub = g.rows(c0, _round_up(c1, self.tn))
-        need = q.n_pad * sub.n_pad
-        if out is None:
-            if need > self._buf.numel():
-                raise ValueError(f"block {q.n_pad}x{sub.n_pad} exceeds q_block x g_block")
-            out = self._buf
-        view = out[:need].view(q.n_pad, sub.n_pad)
-        self.kernel.block(q, sub, view)
-        self.flops += self.flops_per_pair * need
-        return view[:q.n, :c1 - c0]
-
-    def range_buffer(self, q: Chunk, width: int) -> torch.Tensor:
-        """A fresh buffer for ``distances(out=...)`` of ``width`` gallery rows."""
-        return torch.empty(q.n_pad * _round_up(width, self.tn))
+__all__ = ["StreamingEvaluator", "evaluate"]
 
 
 class _QueryBlock:
@@ -210,7 +79,7 @@ class StreamingEvaluator:
     The query layouts of all blocks are kept (Q x (feature dims + 10) floats); the
     gallery is streamed once in g_block chunks, each laid out once. While it runs,
     torch ops are single-threaded and the tile kernel uses one thread per former torch
-    thread (see :func:`~pipeline.evaluation.distance.kernel_threads`).
+    thread (see :func:`pipeline.threads.kernel_threads`).
 
     After :meth:`run`, ``stats`` holds: seconds in distance computation and in ranking
     (the counting done on the kernel workers, fused with the distances, is measured
@@ -221,16 +90,16 @@ class StreamingEvaluator:
     def __init__(self, query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec = DistanceSpec(), *,
                  remove_junk: bool = True, max_rank: int = 50, q_block: int = 1024, g_block: int = 8192,
                  range_cap: int | None = None, matmul_dtype: torch.dtype | None = None,
-                 tile: tuple[int, int] = DEFAULT_TILE, rerank: Any = None, provider: Any = None) -> None:
+                 tile: tuple[int, int] = DEFAULT_TILE, rerank: RerankConfig | None = None,
+                 provider: DistanceProvider | None = None) -> None:
         self.query, self.gallery, self.spec = query, gallery, spec
         self.remove_junk, self.max_rank = bool(remove_junk), int(max_rank)
         if self.max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         if provider is None and rerank is not None:
-            from .rerank import RerankProvider   # imported here: rerank builds on this module
             provider = RerankProvider(query, gallery, spec, rerank, q_block=q_block, g_block=g_block,
                                       matmul_dtype=matmul_dtype, tile=tile)
-        self.provider = provider if provider is not None else TiledProvider(
+        self.provider: DistanceProvider = provider if provider is not None else TiledProvider(
             query, gallery, spec, q_block=q_block, g_block=g_block, matmul_dtype=matmul_dtype, tile=tile)
         self.q_block, self.g_block = self.provider.q_block, self.provider.g_block
         self.tn = self.provider.tn
@@ -250,7 +119,7 @@ class StreamingEvaluator:
         self._t_dist = 0.0
         self._t_fused = 0.0
         self._n_blocks = 0
-        counting0 = float(getattr(self.provider, "counting_seconds", 0.0))
+        counting0 = self.provider.counting_seconds
         qcode, gcode = encode_ids(self.query.ids, self.gallery.ids, nq, ng)
         cams = encode_cams(self.query.cams, self.gallery.cams, nq, ng) if self.remove_junk else None
         acc = MetricAccumulator(nq, self.max_rank)
@@ -278,7 +147,7 @@ class StreamingEvaluator:
             handle = self.provider.queries(torch.from_numpy(rows))
             self._t_dist += time.perf_counter() - t0
             lo, hi = int(code_start[qcode[rows[0]]]), int(code_end[qcode[rows[-1]]])
-            span = ((lo // self.tn) * self.tn, min(ng, _round_up(hi, self.tn)))
+            span = ((lo // self.tn) * self.tn, min(ng, round_up(hi, self.tn)))
             blk = _QueryBlock(rows, qcode[rows], cams[0][rows] if cams is not None else None, handle, span)
             n_recomputed += self._rank_range(blk)
             if bool(blk.ranker.has_positive.any()):
@@ -307,32 +176,22 @@ class StreamingEvaluator:
             n_cand += blk.ranker.num_candidates
         t_all = time.perf_counter() - t_start
         # counting fused into the distance workers is ranking work: move its share over
-        counting = float(getattr(self.provider, "counting_seconds", 0.0)) - counting0
+        counting = self.provider.counting_seconds - counting0
         self.stats = {"seconds_total": t_all, "seconds_distance": self._t_dist - counting,
                       "seconds_ranking": t_all - self._t_dist + counting, "seconds_fused": self._t_fused,
                       "seconds_counting_on_workers": counting,
-                      "gemm_flops": float(getattr(self.provider, "flops", 0)), "blocks": self._n_blocks,
+                      "gemm_flops": float(self.provider.flops), "blocks": self._n_blocks,
                       "candidates": n_cand, "ranges_recomputed": n_recomputed,
                       "queries_without_gallery_id": int(nq - len(q_rows))}
         return acc.result()
 
-    def _dist(self, qh: Any, gh: Any, c0: int, c1: int) -> torch.Tensor:
-        t0 = time.perf_counter()
-        d = self.provider.distances(qh, gh, c0, c1)
-        self._t_dist += time.perf_counter() - t0
-        self._n_blocks += 1
-        return d
-
     def _count(self, blk: _QueryBlock, gh: Any, c0: int, c1: int) -> None:
         """Negatives of gallery rows c0:c1 (all other ids) for the block's queries."""
         t0 = time.perf_counter()
-        if hasattr(self.provider, "count"):
-            self.provider.count(blk.handle, gh, c0, c1, blk.ranker)   # distances and counting fused
-            self._t_dist += time.perf_counter() - t0
-            self._t_fused += time.perf_counter() - t0
-            self._n_blocks += 1
-            return
-        blk.ranker.add_block(self._dist(blk.handle, gh, c0, c1))
+        self.provider.count(blk.handle, gh, c0, c1, blk.ranker)   # distances and counting in one call
+        self._t_dist += time.perf_counter() - t0
+        self._t_fused += time.perf_counter() - t0
+        self._n_blocks += 1
 
     def _rank_range(self, blk: _QueryBlock) -> int:
         """Positives from the block's id range, its ranker, and the range's negatives.
@@ -341,7 +200,6 @@ class StreamingEvaluator:
         """
         rs, re = blk.span
         keep = re - rs <= self.range_cap
-        fused = hasattr(self.provider, "count")
         kept: list[tuple[int, int, torch.Tensor]] = []
         # The gallery is id-sorted, so each query's same-id images are one interval of
         # positions: list the (row, position) pairs once, drop junk, read their distances.
@@ -359,14 +217,11 @@ class StreamingEvaluator:
             t0 = time.perf_counter()
             gh = self.provider.gallery(s, e)
             self._t_dist += time.perf_counter() - t0
-            out = self.provider.range_buffer(blk.handle, e - s) if keep and fused else None
+            out = self.provider.range_buffer(blk.handle, e - s) if keep else None
             t0 = time.perf_counter()
-            d = self.provider.distances(blk.handle, gh, 0, e - s, out) if out is not None else \
-                self.provider.distances(blk.handle, gh, 0, e - s)
+            d = self.provider.distances(blk.handle, gh, 0, e - s, out)
             self._t_dist += time.perf_counter() - t0
             self._n_blocks += 1
-            if keep and out is None:
-                d = d.clone()
             sel = (p_pos >= s) & (p_pos < e)
             r, c = torch.from_numpy(p_row[sel]), torch.from_numpy(p_pos[sel] - s)
             pos_rows.append(r)
@@ -378,20 +233,15 @@ class StreamingEvaluator:
             return 0
         if keep:
             for s, e, d in kept:
-                if fused:
-                    self.provider.count_stored(d, blk.ranker, blk.codes, self._gcode_s[s:e])
-                else:
-                    blk.ranker.add_block(d, blk.codes, self._gcode_s[s:e])
+                self.provider.count_stored(d, blk.ranker, blk.codes, self._gcode_s[s:e])
             return 0
         for s in range(rs, re, self.g_block):
             e = min(re, s + self.g_block)
             gh = self.provider.gallery(s, e)
-            if fused:
-                t0 = time.perf_counter()
-                self.provider.count(blk.handle, gh, 0, e - s, blk.ranker, blk.codes, self._gcode_s[s:e])
-                self._t_dist += time.perf_counter() - t0
-            else:
-                blk.ranker.add_block(self._dist(blk.handle, gh, 0, e - s), blk.codes, self._gcode_s[s:e])
+            t0 = time.perf_counter()
+            self.provider.count(blk.handle, gh, 0, e - s, blk.ranker, blk.codes, self._gcode_s[s:e])
+            self._t_dist += time.perf_counter() - t0
+            self._n_blocks += 1
         return 1
 
 

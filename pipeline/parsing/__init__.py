@@ -1,1 +1,1 @@
-"""Vehicle part parser (method.md §1): smp U-Net factory, training, batched mask prediction."""
+"""Vehicle part parser (docs/method.md §1): smp U-Net factory, training, batched mask prediction."""

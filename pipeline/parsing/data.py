@@ -12,7 +12,6 @@ jitter touches the image only.
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.shards import eval_pipeline, shard_urls
+from pipeline.data.shards import decode_image, decode_mask, eval_pipeline, shard_urls
+from pipeline.data.transforms import resize_image
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Augment:
     flip: float = 0.5
 
     @classmethod
-    def from_config(cls, cfg) -> "Augment":
+    def from_config(cls, cfg) -> Augment:
         """From the params ``parser`` section (scale, shift, jitter, flip; validated by pipeline.config)."""
         return cls(scale=tuple(cfg.scale), shift=cfg.shift, jitter=cfg.jitter, flip=cfg.flip)
 
@@ -92,35 +92,20 @@ def annotated_subset(shard_dir: str | Path, val_fraction: float, seed: int) -> t
 
 def decode_labels(sample: Annotated) -> np.ndarray:
     """The label PNG's bytes -> (H, W) uint8 labels (no image decode)."""
-    with Image.open(io.BytesIO(sample.mask_png)) as im:
-        return np.asarray(im if im.mode == "L" else im.convert("L"))
+    return decode_mask(sample.mask_png)
 
 
 def decode_pair(sample: Annotated) -> tuple[np.ndarray, np.ndarray]:
     """Bytes -> (image (H, W, 3) uint8 RGB, labels (H, W) uint8); sizes must agree."""
-    with Image.open(io.BytesIO(sample.jpg)) as im:
-        image = np.asarray(im.convert("RGB"))
+    image = decode_image(sample.jpg)
     mask = decode_labels(sample)
     if mask.shape != image.shape[:2]:
         raise ValueError(f"sample {sample.key}: mask {mask.shape} and image {image.shape[:2]} differ in size")
     return image, mask
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8, bilinear with antialiasing (PIL)."""
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-
-
-def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 labels -> ``size`` = (height, width), nearest neighbour (no blended labels)."""
-    if labels.shape == tuple(size):
-        return labels
-    return np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
-
-
-def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, aug: Augment) -> tuple[np.ndarray, np.ndarray]:
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+            aug: Augment) -> tuple[np.ndarray, np.ndarray]:
     """Random flip + scale/shift (same affine map for both) + colour jitter (image only).
 
     image (H, W, 3) uint8, mask (H, W) uint8 -> same shapes. Pixels moved in from outside
@@ -135,7 +120,8 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, aug: 
     # PIL maps each output pixel (x, y) to the input point (a x + b y + c, d x + e y + f):
     # the inverse of "zoom by s about the centre, then move by (tx, ty)".
     coeffs = (1 / s, 0.0, cx - (cx + tx) / s, 0.0, 1 / s, cy - (cy + ty) / s)
-    img = Image.fromarray(np.ascontiguousarray(image)).transform(size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=(0, 0, 0))
+    img = Image.fromarray(np.ascontiguousarray(image)).transform(size, Image.AFFINE, coeffs, Image.BILINEAR,
+                                                                  fillcolor=(0, 0, 0))
     lab = Image.fromarray(np.ascontiguousarray(mask)).transform(size, Image.AFFINE, coeffs, Image.NEAREST, fillcolor=0)
     out = np.asarray(img, dtype=np.float32)
     if aug.jitter > 0:

@@ -1,6 +1,6 @@
 """The parser network: a segmentation-models-pytorch ``Unet`` over 5 view labels.
 
-Labels (method.md §1): 0 background, 1 front, 2 back, 3 side, 4 top.
+Labels (docs/method.md §1): 0 background, 1 front, 2 back, 3 side, 4 top.
 
 Checkpoints are plain data, never a pickled module, so they load with
 ``torch.load(weights_only=True)``::
@@ -27,18 +27,17 @@ import numpy as np
 import torch
 
 from pipeline import atomic
+from pipeline.constants import NUM_LABELS
+from pipeline.data.transforms import normalize_images
 
-NUM_CLASSES = 5
 CHECKPOINT = "parser.pt"  # file name inside parser.out_dir
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 
 class CheckpointError(RuntimeError):
     """A parser checkpoint or encoder weight file that cannot be used."""
 
 
-def build_parser(encoder: str, classes: int = NUM_CLASSES, encoder_weights: str | Path | None = None):
+def build_parser(encoder: str, classes: int = NUM_LABELS, encoder_weights: str | Path | None = None):
     """A randomly initialised ``smp.Unet`` (no download ever); optionally load a local encoder state dict.
 
     ``encoder`` is any smp encoder name (resnet18, se_resnext50_32x4d, ...).
@@ -92,10 +91,7 @@ def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
 
 def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 RGB batch (B, S, S, 3), array or tensor -> normalised float32 tensor (B, 3, S, S)."""
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
-    mean = torch.from_numpy(MEAN).view(1, 3, 1, 1)
-    std = torch.from_numpy(STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    return normalize_images(torch.as_tensor(images).permute(0, 3, 1, 2)).contiguous()
 
 
 def logit_bias(config: dict[str, Any]) -> torch.Tensor | None:

@@ -7,8 +7,8 @@ samples in the same order: the same ``jpg`` bytes, the ``json`` meta plus
 the image's resolution or at ``mask_size`` (height, width). Ground-truth masks are never
 copied (ReID stages must not see them); where one exists it only scores the prediction.
 
-Distribution: with ``world_size`` N, rank r takes input shards r, r+N, ... of the list
-of all shards (splits in manifest order); rank 0 writes the merged ``manifest.json`` (the
+Distribution: rank r of N takes input shards r, r+N, ... of the list of all shards
+(splits in manifest order; :meth:`DistInfo.share`); rank 0 writes the merged ``manifest.json`` (the
 shard manifest's format) and swaps the folder in. Batches never cross a shard boundary,
 so a shard's bytes do not depend on N (1 rank or many give identical files). Ranks
 write into one staging folder beside ``out_dir``: several nodes need a shared filesystem.
@@ -21,11 +21,11 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,17 +33,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import atomic
-from pipeline.data.records import SPLITS, VIEW_NAMES
-from pipeline.data.shards import MANIFEST, read_manifest, write_tar
-from pipeline.parsing.data import resize_image, resize_labels
-from pipeline.parsing.model import NUM_CLASSES, load_checkpoint, logit_bias, to_input
-from pipeline.parsing.train import confusion_matrix, iou_scores
+from pipeline.data.shards import MANIFEST, decode_image, decode_mask, index_tar, read_manifest, read_members, write_tar
+from pipeline.data.transforms import resize_image, resize_labels
+from pipeline.dist.env import SINGLE, DistInfo, all_gather, barrier
+from pipeline.parsing.metrics import MaskStats, confusion_matrix
+from pipeline.parsing.model import load_checkpoint, logit_bias, to_input
+from pipeline.progress import progress
 
 MASK_SOURCE = "parser"
-
-
-class ShardReadError(RuntimeError):
-    """An input shard that is not a readable tar (single images are skipped; a broken shard is fatal)."""
 
 
 # --------------------------------------------------------------------------- inference
@@ -84,28 +81,6 @@ class _Item:
     members: dict[str, tuple[int, int]]        # extension -> (byte offset, size) in the tar
 
 
-def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Samples of a WebDataset tar in file order: ``[(key, {ext: (offset, size)})]``.
-
-    Only headers are read. A sample's files share the name before the first dot
-    (WebDataset's rule), e.g. ``k.jpg``, ``k.json``, ``k.mask.png``.
-    """
-    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if not out or out[-1][0] != key:
-                    out.append((key, {}))
-                out[-1][1][ext] = (member.offset_data, member.size)
-    except (OSError, tarfile.TarError) as exc:
-        raise ShardReadError(f"{path}: not a readable shard ({type(exc).__name__}: {exc}); "
-                             "rerun the shard stage") from None
-    return out
-
-
 class _ShardItems(torch.utils.data.Dataset):
     """Decodes one sample: raw bytes, the resized network input, ground truth if any, or an error."""
 
@@ -117,24 +92,17 @@ class _ShardItems(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
-        raw = {}
-        with open(self.paths[item.shard], "rb") as f:
-            for ext, (offset, size) in item.members.items():
-                f.seek(offset)
-                raw[ext] = f.read(size)
+        raw = read_members(self.paths[item.shard], item.members)
         out = {"index": i, "key": item.key, "raw": raw, "input": None, "truth": None, "error": None}
         try:
             if "jpg" not in raw or "json" not in raw:
                 raise ValueError(f"sample has {sorted(raw)}, expected jpg and json")
-            with Image.open(io.BytesIO(raw["jpg"])) as im:
-                im.load()
-                image = np.asarray(im.convert("RGB"))
+            image = decode_image(raw["jpg"])
             out["meta"] = json.loads(raw["json"])  # a bad json skips the sample like a bad image
             out["size"] = image.shape[:2]
             out["input"] = resize_image(image, self.size)
             if "mask.png" in raw:
-                with Image.open(io.BytesIO(raw["mask.png"])) as im:
-                    out["truth"] = np.asarray(im if im.mode == "L" else im.convert("L"))
+                out["truth"] = decode_mask(raw["mask.png"])
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             out["error"] = f"{type(exc).__name__}: {exc}"
         return out
@@ -150,72 +118,6 @@ def _shard_batches(items: list[_Item], batch_size: int) -> list[list[int]]:
         batches.append(list(range(start, stop)))
         start = stop
     return batches
-
-
-# --------------------------------------------------------------------------- statistics
-
-class MaskStats:
-    """Per-split counts: images, skipped, per-view visibility and area, confusion vs ground truth."""
-
-    def __init__(self):
-        self.splits: dict[str, dict[str, Any]] = {}
-
-    def _split(self, split: str) -> dict[str, Any]:
-        return self.splits.setdefault(split, {
-            "images": 0, "skipped": 0, "truth_images": 0,
-            "visible": np.zeros(NUM_CLASSES, np.int64), "area": np.zeros(NUM_CLASSES, np.float64),
-            "confusion": np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)})
-
-    def add(self, split: str, labels: np.ndarray, truth_conf: np.ndarray | None) -> None:
-        s = self._split(split)
-        counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
-        s["images"] += 1
-        s["visible"] += counts > 0
-        s["area"] += counts / labels.size
-        if truth_conf is not None:
-            s["truth_images"] += 1
-            s["confusion"] += truth_conf
-
-    def skip(self, split: str) -> None:
-        self._split(split)["skipped"] += 1
-
-    def merge(self, other: "MaskStats") -> None:
-        for split, theirs in other.splits.items():
-            mine = self._split(split)
-            for k, v in theirs.items():
-                mine[k] = mine[k] + v
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able metrics: per split, plus ``heldout`` = every non-train split's ground truth."""
-        out: dict[str, Any] = {}
-        heldout = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-        heldout_images = 0
-        for split in sorted(self.splits, key=_split_order):
-            s = self.splits[split]
-            n = max(s["images"], 1)
-            entry = {"images": s["images"], "skipped": s["skipped"],
-                     "visible": {VIEW_NAMES[c]: round(float(s["visible"][c] / n), 4) for c in range(1, NUM_CLASSES)},
-                     "area": {VIEW_NAMES[c]: round(float(s["area"][c] / n), 4) for c in range(1, NUM_CLASSES)}}
-            if s["truth_images"]:
-                entry["truth"] = {"images": s["truth_images"], **_named(iou_scores(s["confusion"]))}
-                if split != "train":
-                    heldout += s["confusion"]
-                    heldout_images += s["truth_images"]
-            out[split] = entry
-        result: dict[str, Any] = {"splits": out}
-        if heldout_images:
-            result["heldout_truth"] = {"images": heldout_images, **_named(iou_scores(heldout))}
-        return result
-
-
-def _named(scores: dict[str, Any]) -> dict[str, Any]:
-    """iou list -> {view name: iou}; rounded for metric files."""
-    iou = {VIEW_NAMES[c]: (None if v is None else round(v, 4)) for c, v in enumerate(scores["iou"])}
-    return {"miou": round(scores["miou"], 4), "pixel_acc": round(scores["pixel_acc"], 4), "iou": iou}
-
-
-def _split_order(split: str) -> int:
-    return SPLITS.index(split) if split in SPLITS else len(SPLITS)
 
 
 # --------------------------------------------------------------------------- the masks stage
@@ -245,23 +147,25 @@ def _peek(iterator: Iterator):
 
 def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: str | Path, *,
                         batch_size: int = 32, mask_size: tuple[int, int] | None = None,
-                        num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                        device: torch.device | str = "cpu", progress: bool = False) -> dict[str, Any] | None:
+                        num_workers: int = 0, info: DistInfo = SINGLE,
+                        show_progress: bool = False) -> dict[str, Any] | None:
     """Predict masks for every sample of ``shard_dir`` into ``out_dir`` (see module docstring).
 
     Every rank must call this (it synchronises through torch.distributed when
-    ``world_size`` > 1). Returns, on rank 0, ``{"manifest", "metrics"}``; None elsewhere.
+    ``info.world_size`` > 1); the model runs on ``info.device``. Returns, on rank 0,
+    ``{"manifest", "metrics"}``; None elsewhere.
     """
+    device = info.device
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     shards = _all_shards(shard_dir)
     model, config, _ = load_checkpoint(checkpoint, device)
     bias = logit_bias(config)
     staging = out_dir.with_name(f".{out_dir.name}.staging")  # one name for all ranks
-    if rank == 0:
+    if info.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    _barrier(world_size)
-    mine = shards[rank::world_size]
+    barrier(info)
+    mine = info.share(shards)
     paths = [shard_dir / name for _, name in mine]
     items = [_Item(i, key, members) for i, p in enumerate(paths) for key, members in index_tar(p)]
     loader = torch.utils.data.DataLoader(_ShardItems(paths, items, int(config["image_size"])),
@@ -270,7 +174,9 @@ def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: 
     stats, skipped, written = MaskStats(), [], []
     ids: dict[str, dict[str, set]] = {}  # split -> vehicle ids and cameras written
     started = time.time()
-    peek, take = _peek(iter(_progress(loader, progress)))
+    bar = progress(loader, total=len(loader.batch_sampler), desc="masks", unit="batch",
+                   enabled=show_progress and info.is_main)
+    peek, take = _peek(iter(bar))
     for i, (split, name) in enumerate(mine):
         seen = ids.setdefault(split, {"vids": set(), "cameras": set()})
 
@@ -279,16 +185,16 @@ def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: 
             # so shard i's samples are exactly the batches until the shard index changes.
             while peek() is not None and items[peek()[0]["index"]].shard == i:
                 yield from _masked_batch(take(), model, bias, device, mask_size, split, name, stats, skipped, seen)
-        info = write_tar(staging / name, samples())
-        written.append({"split": split, **info})
+        written.append({"split": split, **write_tar(staging / name, samples())})
     seconds = time.time() - started
     local = {"written": written, "stats": stats, "skipped": skipped, "seconds": seconds, "ids": ids}
-    gathered = _gather(local, world_size)
-    if rank != 0:
-        _barrier(world_size)
+    bar.close()
+    gathered = all_gather(local, info)
+    if not info.is_main:
+        barrier(info)
         return None
     result = _finish(shard_dir, staging, out_dir, shards, gathered, config, mask_size, checkpoint)
-    _barrier(world_size)
+    barrier(info)
     return result
 
 
@@ -348,7 +254,8 @@ def _finish(shard_dir: Path, staging: Path, out_dir: Path, shards: list[tuple[st
                                      "labels": count,
                                      "shards": [{k: i[k] for k in ("name", "samples", "sha256")} for i in infos]}
     order = {name: i for i, (_, name) in enumerate(shards)}
-    manifest["skipped"] = sorted((s for g in gathered for s in g["skipped"]), key=lambda s: (order[s["shard"]], s["key"]))
+    manifest["skipped"] = sorted((s for g in gathered for s in g["skipped"]),
+                                 key=lambda s: (order[s["shard"]], s["key"]))
     seconds = max(g["seconds"] for g in gathered)
     atomic.write_json(staging / MANIFEST, manifest)
     atomic.swap_dir(staging, out_dir)
@@ -356,23 +263,3 @@ def _finish(shard_dir: Path, staging: Path, out_dir: Path, shards: list[tuple[st
     metrics = {"images": images, "skipped": len(manifest["skipped"]), "seconds": round(seconds, 2),
                "images_per_s": round(images / max(seconds, 1e-9), 1), "ranks": len(gathered), **stats.summary()}
     return {"manifest": manifest, "metrics": metrics}
-
-
-def _progress(loader, enabled: bool):
-    if not enabled:
-        return loader
-    from tqdm import tqdm
-    return tqdm(loader, desc="masks", unit="batch", total=len(loader.batch_sampler), leave=False)
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        torch.distributed.barrier()
-
-
-def _gather(obj: Any, world_size: int) -> list[Any]:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out

@@ -1,4 +1,5 @@
-"""Pictures of parser output: raw 0..4 label PNGs look black, colour overlays are what people read.
+"""What the parser stages report: metrics files and pictures (raw 0..4 label PNGs look black,
+colour overlays are what people read).
 
 :func:`overlay_sheet` lays out one row per image: the image, then a colour overlay per
 label map given (e.g. prediction, ground truth), each tile resized to ``tile`` px high.
@@ -7,15 +8,38 @@ from __future__ import annotations
 
 import io
 import itertools
-import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from pipeline import atomic
-from pipeline.data.shards import decode_sample, read_manifest
+from pipeline.constants import VIEW_NAMES
+from pipeline.data.shards import decode_sample, iter_samples, read_manifest
+from pipeline.parsing.data import Annotated, decode_pair
+from pipeline.parsing.model import load_checkpoint, logit_bias
+from pipeline.parsing.predict import predict_labels
 from pipeline.viz import LABEL_COLOURS, overlay_labels
+
+
+def parser_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """metrics/parser.json from :func:`pipeline.parsing.train.train_parser`'s summary: the best
+    epoch's val IoU per view, mIoU, pixel accuracy, the class weights and pixel shares."""
+    val = result["val"]
+    return {"val": {"miou": val["miou"], "pixel_acc": val["pixel_acc"], "iou": dict(zip(VIEW_NAMES, val["iou"]))},
+            "best_epoch": result["best_epoch"], "train_images": result["train_images"],
+            "val_images": result["val_images"], "seconds": result["seconds"],
+            "class_weights": dict(zip(VIEW_NAMES, result["class_weights"])),
+            "pixel_freq": dict(zip(VIEW_NAMES, result["pixel_freq"]))}
+
+
+def val_overlays(checkpoint: Path, val: list[Annotated], count: int = 8) -> np.ndarray:
+    """Picture of the saved parser on the first ``count`` val images: image | ground truth | prediction."""
+    model, config, _ = load_checkpoint(checkpoint)
+    pairs = [decode_pair(s) for s in val[:count]]
+    preds = predict_labels(model, [im for im, _ in pairs], config["image_size"], bias=logit_bias(config))
+    return overlay_sheet([(im, [gt, p]) for (im, gt), p in zip(pairs, preds)])
 
 
 def overlay_sheet(rows: list[tuple[np.ndarray, list[np.ndarray | None]]], tile: int = 128,
@@ -70,7 +94,7 @@ def masks_sheet(masked_dir: str | Path, shard_dir: str | Path, count: int = 8) -
 
     def samples_of(folder: Path):
         for shard in read_manifest(folder)["splits"].get(split, {}).get("shards", []):
-            yield from _samples(Path(folder) / shard["name"])
+            yield from iter_samples(Path(folder) / shard["name"])
 
     chosen = [decode_sample(s) for s in itertools.islice(samples_of(masked_dir), count)]
     # Masked shards keep the input's keys and order: the inputs are found within the first
@@ -84,20 +108,3 @@ def masks_sheet(masked_dir: str | Path, shard_dir: str | Path, count: int = 8) -
             if not pending:
                 break
     return overlay_sheet([(d["image"], [d["mask"], truth.get(d["key"])]) for d in chosen])
-
-
-def _samples(path: Path):
-    """Raw samples of one tar, in order, read lazily (the picture needs a handful)."""
-    current: dict = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            current[ext] = tar.extractfile(member).read()
-    if current:
-        yield current

@@ -1,6 +1,6 @@
 """Parser training: balanced cross entropy, IoU metrics, and the training loop.
 
-Balanced CE (method.md §1): class ``c`` is weighted by ``1 / f_c``, ``f_c`` its share of
+Balanced CE (docs/method.md §1): class ``c`` is weighted by ``1 / f_c``, ``f_c`` its share of
 the training masks' pixels, scaled so that the weights of the classes present average
 1 (the loss keeps the magnitude of plain CE). A class with no training pixel gets
 weight 0: it never appears as a target, and an infinite weight would be meaningless.
@@ -9,30 +9,30 @@ Weighted CE moves the decision boundary toward rare classes: the trained network
 softmax estimates ``w_c p(c | x)`` up to a constant, so uncertain pixels (part edges,
 the vehicle outline) are over-assigned to rare parts. :func:`prior_bias` gives the
 per-class logit offset ``-log w_c`` that undoes this at inference (``parser.prior_correction``);
-training itself is unchanged balanced CE.
-
-IoU of class c = TP / (TP + FP + FN) over all pixels of a set; a class absent from both
-prediction and truth has no IoU (None) and is left out of the mean (mIoU).
+training itself is unchanged balanced CE. Metrics: :mod:`pipeline.parsing.metrics`.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.parsing.data import (Annotated, Augment, ParsingDataset, decode_labels, decode_pair, resize_image,
-                                   soft_labels)
-from pipeline.parsing.model import CHECKPOINT, NUM_CLASSES, build_parser, logit_bias, save_checkpoint, to_input
-
+from pipeline.constants import NUM_LABELS
+from pipeline.data.transforms import resize_image
+from pipeline.parsing.data import Annotated, Augment, ParsingDataset, decode_labels, decode_pair, soft_labels
+from pipeline.parsing.metrics import confusion_matrix, iou_scores
+from pipeline.parsing.model import CHECKPOINT, build_parser, logit_bias, save_checkpoint, to_input
+from pipeline.progress import progress
 
 # --------------------------------------------------------------------------- loss weights
 
-def pixel_counts(masks: Iterable[np.ndarray], classes: int = NUM_CLASSES) -> np.ndarray:
+def pixel_counts(masks: Iterable[np.ndarray], classes: int = NUM_LABELS) -> np.ndarray:
     """Pixels per label over label maps (H, W) uint8 -> int64 (classes,). Raises on labels >= classes."""
     counts = np.zeros(classes, np.int64)
     for m in masks:
@@ -62,29 +62,6 @@ def prior_bias(weights: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-# --------------------------------------------------------------------------- metrics
-
-def confusion_matrix(pred: np.ndarray, truth: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
-    """(classes, classes) int64 pixel counts: row = true label, column = predicted label."""
-    pred, truth = np.asarray(pred).ravel().astype(np.int64), np.asarray(truth).ravel().astype(np.int64)
-    if pred.shape != truth.shape:
-        raise ValueError(f"confusion_matrix: {pred.size} predicted vs {truth.size} true pixels")
-    if truth.size and max(pred.max(), truth.max()) >= classes:
-        raise ValueError(f"confusion_matrix: label {max(pred.max(), truth.max())} >= {classes} classes")
-    return np.bincount(truth * classes + pred, minlength=classes * classes).reshape(classes, classes)
-
-
-def iou_scores(conf: np.ndarray) -> dict[str, Any]:
-    """``{"iou": [per class or None], "miou", "pixel_acc"}`` from a confusion matrix (see module docstring)."""
-    conf = np.asarray(conf, np.float64)
-    tp = np.diag(conf)
-    union = conf.sum(0) + conf.sum(1) - tp
-    iou = [None if u == 0 else float(t / u) for t, u in zip(tp, union)]
-    valid = [v for v in iou if v is not None]
-    return {"iou": iou, "miou": float(np.mean(valid)) if valid else float("nan"),
-            "pixel_acc": float(tp.sum() / conf.sum()) if conf.sum() else float("nan")}
-
-
 # --------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -98,7 +75,7 @@ def evaluate(model: torch.nn.Module, samples: list[Annotated], image_size: int, 
     Returns ``iou_scores`` plus ``"loss"`` (weighted CE, mean over batches) and ``"confusion"``.
     """
     model.eval()
-    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    conf = np.zeros((NUM_LABELS, NUM_LABELS), np.int64)
     losses = []
     for start in range(0, len(samples), batch_size):
         pairs = [decode_pair(s) for s in samples[start:start + batch_size]]
@@ -123,13 +100,14 @@ def _autocast(device, precision: str):
 # --------------------------------------------------------------------------- training
 
 def train_parser(cfg, train: list[Annotated], val: list[Annotated], seed: int, out_dir: str | Path, *,
-                 device: torch.device | str = "cpu", progress: bool = False,
+                 device: torch.device | str = "cpu", show_progress: bool = False,
                  on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train the U-Net on ``train``, validate on ``val`` every epoch, keep the best checkpoint.
 
     ``cfg`` is a :class:`pipeline.config.ParserConfig` (encoder, encoder_weights,
     image_size, epochs, batch_size, lr, weight_decay, num_workers, precision). The
     checkpoint with the highest val mIoU is written to ``out_dir/parser.pt``.
+    With ``show_progress`` a bar per epoch and a line with its figures are printed.
     ``on_epoch(epoch, row)`` gets each epoch's row: train_loss, val_loss, val_miou,
     val_pixel_acc, lr, seconds. Returns a summary with the history, the best epoch's
     val scores and the class weights.
@@ -138,7 +116,7 @@ def train_parser(cfg, train: list[Annotated], val: list[Annotated], seed: int, o
     torch.manual_seed(seed)
     precision = cfg.precision
     # channels_last: +13% training images/s for the default resnet18 U-Net under bf16 on CPU.
-    model = build_parser(cfg.encoder, NUM_CLASSES, cfg.encoder_weights).to(device, memory_format=torch.channels_last)
+    model = build_parser(cfg.encoder, NUM_LABELS, cfg.encoder_weights).to(device, memory_format=torch.channels_last)
     counts = pixel_counts(decode_labels(s) for s in train)
     weights = torch.from_numpy(class_weights(counts))
     dataset = ParsingDataset(train, cfg.image_size, Augment.from_config(cfg), seed)
@@ -150,7 +128,7 @@ def train_parser(cfg, train: list[Annotated], val: list[Annotated], seed: int, o
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (step + 1) / warmup if step < warmup
         else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
-    config = {"encoder": cfg.encoder, "image_size": cfg.image_size, "classes": NUM_CLASSES}
+    config = {"encoder": cfg.encoder, "image_size": cfg.image_size, "classes": NUM_LABELS}
     bias = None
     if cfg.prior_correction:
         config["logit_bias"] = prior_bias(weights.numpy()).tolist()
@@ -165,7 +143,8 @@ def train_parser(cfg, train: list[Annotated], val: list[Annotated], seed: int, o
             num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         model.train()
         losses = []
-        bar = _bar(loader, progress, f"parser epoch {epoch + 1}/{cfg.epochs}")
+        bar = progress(loader, desc=f"train_parser epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                       enabled=show_progress, leave=False)
         for images, labels in bar:
             with _autocast(device, precision):
                 logits = model(to_input(images).to(device, memory_format=torch.channels_last))
@@ -175,13 +154,15 @@ def train_parser(cfg, train: list[Annotated], val: list[Annotated], seed: int, o
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-            if progress:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=losses[-1])
         scores = evaluate(model, val, cfg.image_size, cfg.batch_size, weights, device, precision, bias)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": scores["loss"],
                "val_miou": scores["miou"], "val_pixel_acc": scores["pixel_acc"],
                "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
         history.append(row)
+        if show_progress:
+            print(f"train_parser: epoch {epoch + 1}/{cfg.epochs} train_loss {row['train_loss']:.4f} "
+                  f"val_loss {row['val_loss']:.4f} val_mIoU {row['val_miou']:.4f} ({row['seconds']:.0f} s)", flush=True)
         if best is None or scores["miou"] > best["scores"]["miou"]:
             best = {"epoch": epoch + 1, "scores": scores}
             save_checkpoint(out_dir / CHECKPOINT, model, config,
@@ -193,10 +174,3 @@ def train_parser(cfg, train: list[Annotated], val: list[Annotated], seed: int, o
             "class_weights": weights.tolist(), "pixel_freq": freq.tolist(),
             "train_images": len(train), "val_images": len(val), "config": config,
             "seconds": round(time.time() - started, 2)}
-
-
-def _bar(loader, enabled: bool, desc: str):
-    if not enabled:
-        return loader
-    from tqdm import tqdm
-    return tqdm(loader, desc=desc, unit="batch", leave=False)

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.constants import IMAGENET_MEAN
 from pipeline.data.shards import decode_sample
-from pipeline.reid.model import MEAN
 
 # Random erasing (Zhong et al.): area share and aspect ratio ranges; fill = mean pixel.
 ERASE_AREA = (0.02, 0.4)
 ERASE_ASPECT = (0.3, 1 / 0.3)
-ERASE_FILL = np.array([round(m * 255) for m in MEAN], dtype=np.uint8)
+ERASE_FILL = np.array([round(m * 255) for m in IMAGENET_MEAN], dtype=np.uint8)
 
 
 def read_vid(sample: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Distances of PVEN (method.md §3, §5): global Euclidean and the view-aware local D_l.
+"""Distances of PVEN (docs/method.md §3, §5): global Euclidean and the view-aware local D_l.
 
 Shapes: N images, 4 parts (front, back, side, top), C channels.
 
@@ -15,17 +15,18 @@ Shapes: N images, 4 parts (front, back, side, top), C channels.
 and ``D_l = 0`` when p and q share no visible part (the denominator is 0); such pairs
 are flagged in the returned ``common`` mask so a loss can leave them out of mining.
 
-``official`` variant (the authors' code: ``clck_dist`` in their
+``official`` variant (after the authors' ``clck_dist`` in their
 ``examples/parsing_reid/math_tools.py``, used by both their local triplet loss and
 their evaluation): the attention uses ``v_i + 1`` (so every pair has a common part and
 ``common`` is all True) and each part feature is L2-normalised; the per-part distance
-is the plain Euclidean one (their code takes ``sqrt`` of a *squared*-distance routine,
-which method.md words as "sqrt of the Euclidean distance"). How the local term joins
-D_g at inference is the evaluator's business: :class:`pipeline.evaluation.DistanceSpec`.
+here is the plain Euclidean one. Their code takes the square root of the Euclidean
+distance per part: docs/method.md §3 lists this and the other known differences.
+How the local term joins D_g at inference: :class:`pipeline.evaluation.spec.DistanceSpec`.
 
 :func:`local_distance` is the one differentiable implementation; the variants are
-presets of its ``normalize`` and ``vis_offset`` flags, and the evaluator's
-``pven_distance_torch`` calls it too.
+presets of its ``normalize`` and ``vis_offset`` flags. :func:`pven_distance_torch`
+builds any evaluation :class:`~pipeline.evaluation.spec.DistanceSpec` from it (the
+evaluator's exact tiled kernel is tested against it).
 
 Every function is differentiable and gives finite values and finite gradients for
 zero features, invisible parts and pairs without a common part: square roots are
@@ -34,14 +35,12 @@ a zero attention denominator are replaced by a where-select on a safe denominato
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-Variant = Literal["paper", "official"]
-VARIANTS = ("paper", "official")
-NUM_PARTS = 4
+from pipeline.constants import NUM_PARTS, VARIANTS
+from pipeline.evaluation.spec import DistanceSpec
+
 # Squared distances below this are treated as this: sqrt has an infinite slope at 0.
 EPS = 1e-12
 
@@ -69,7 +68,8 @@ def _check(features: torch.Tensor, visibility: torch.Tensor, name: str) -> None:
     if features.dim() != 3 or features.shape[1] != NUM_PARTS:
         raise ValueError(f"{name} part features: expected shape (N, {NUM_PARTS}, C), got {tuple(features.shape)}")
     if visibility.shape != features.shape[:2]:
-        raise ValueError(f"{name} visibility: expected shape {tuple(features.shape[:2])}, got {tuple(visibility.shape)}")
+        raise ValueError(f"{name} visibility: expected shape {tuple(features.shape[:2])}, "
+                         f"got {tuple(visibility.shape)}")
 
 
 def local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: torch.Tensor, *,
@@ -99,9 +99,41 @@ def local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: tor
 
 
 def pairwise_local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: torch.Tensor,
-                            variant: Variant = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+                            variant: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`local_distance` with the flags of ``variant`` (paper: raw; official: normalised, v + 1)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: got {variant!r}, expected one of {VARIANTS}")
     official = variant == "official"
     return local_distance(fa, va, fb, vb, normalize=official, vis_offset=1.0 if official else 0.0)
+
+
+def pven_distance_torch(q_global: torch.Tensor | None, q_parts: torch.Tensor | None, q_vis: torch.Tensor | None,
+                        g_global: torch.Tensor | None = None, g_parts: torch.Tensor | None = None,
+                        g_vis: torch.Tensor | None = None, spec: DistanceSpec = DistanceSpec()) -> torch.Tensor:
+    """Differentiable (Nq, Ng) distance for ``spec`` between two batches (any device/dtype).
+
+    q_global (Nq, Cg), q_parts (Nq, 4, Cp), q_vis (Nq, 4); the ``g_*`` default to the
+    query tensors (all pairs within one batch, as the batch-hard triplet losses need).
+    Same formulas as :func:`pipeline.evaluation.dense.pven_distance`, built on
+    :func:`local_distance` (one implementation of D_l): gradients are finite
+    everywhere, zero distances come out as ~1e-6 (the square root is floored there)
+    and pairs without a common visible part get D_l = 0.
+    """
+    if g_global is None and g_parts is None:
+        g_global, g_parts, g_vis = q_global, q_parts, q_vis
+    dg = None
+    if spec.uses_global:
+        if q_global is None or g_global is None:
+            raise ValueError(f"mode {spec.mode!r} needs global features")
+        qg, gg = q_global, g_global
+        if spec.l2norm:
+            qg, gg = F.normalize(qg, dim=-1), F.normalize(gg, dim=-1)
+        dg = squared_euclidean(qg, gg) if spec.squared else euclidean(qg, gg)
+        if spec.mode == "global":
+            return dg
+    if q_parts is None or g_parts is None or q_vis is None or g_vis is None:
+        raise ValueError(f"mode {spec.mode!r} needs part features and visibilities")
+    dl, _ = local_distance(q_parts, q_vis, g_parts, g_vis, normalize=spec.l2norm, vis_offset=spec.vis_offset)
+    if spec.mode == "local":
+        return dl
+    return dg + spec.lam_value * dl

@@ -1,4 +1,4 @@
-"""PVEN's training losses (method.md §4).
+"""PVEN's training losses (docs/method.md §4).
 
 ``L = w_id L_id + w_gtri L_tri_g + w_ltri L_tri_l`` on one P x K batch of B images:
 
@@ -58,7 +58,8 @@ def batch_hard_triplet(dist: torch.Tensor, labels: torch.Tensor, margin: float,
     return loss, stats
 
 
-def pven_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg, variant: str = "paper") -> dict[str, torch.Tensor]:
+def pven_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg,
+              variant: str = "paper") -> dict[str, torch.Tensor]:
     """All three losses and their weighted sum for the model outputs ``out`` (see model.PVEN).
 
     ``cfg`` is a :class:`pipeline.config.LossConfig`. Returns ``loss`` (the total, to

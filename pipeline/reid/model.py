@@ -1,4 +1,4 @@
-"""The PVEN network (method.md §2): ResNet backbone, global branch, view-aware local branch.
+"""The PVEN network (docs/method.md §2): ResNet backbone, global branch, view-aware local branch.
 
 Input: ``images`` (B, 3, H, W) float, normalised; ``masks`` (B, Hm, Wm) integer label
 maps (0 background, 1 front, 2 back, 3 side, 4 top), any size (typically H x W).
@@ -28,11 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from pipeline.constants import NUM_PARTS
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-NUM_PARTS = 4
-# ImageNet statistics (torchvision's pretrained weights expect them), per channel, on 0..1 pixels.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MODEL_FILE = "model.pt"  # file name inside reid.out_dir (see model_payload)
 
 
 class PretrainedError(ValueError):
@@ -172,31 +171,6 @@ def build_model(cfg, num_classes: int) -> PVEN:
     """PVEN from a :class:`pipeline.config.ReidConfig`."""
     return PVEN(num_classes, backbone=cfg.backbone, last_stride=cfg.last_stride,
                 mask_pool=cfg.mask_pool, pretrained=cfg.pretrained)
-
-
-def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, 3, H, W) 0..255 -> float32 normalised with the ImageNet mean/std."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255.0
-    out = (images.float() - mean) / std
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
-
-
-@torch.no_grad()
-def embed(model: nn.Module, batch: dict, neck: Literal["after", "before"] = "after",
-          channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """Features for evaluation of a collated batch (see :func:`pipeline.reid.data.collate`).
-
-    Returns float32 CPU-or-device tensors: ``global`` (B, C) after the BN neck
-    (``neck='after'``, the default, as BNNeck-style models are evaluated) or before it,
-    ``local`` (B, 4, C) part features, ``visibility`` (B, 4). The model is put in eval mode.
-    """
-    model.eval()
-    weight = next(model.parameters())
-    images = normalize_images(batch["images"].to(weight.device), channels_last).to(weight.dtype)
-    out = model(images, batch["masks"].to(weight.device))
-    return {"global": out["neck"] if neck == "after" else out["global"],
-            "local": out["local"], "visibility": out["visibility"]}
 
 
 # --------------------------------------------------------------------------- model files

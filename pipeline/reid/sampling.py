@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

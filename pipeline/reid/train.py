@@ -37,13 +37,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,20 +50,24 @@ import torch.distributed as dist
 
 from pipeline import atomic
 from pipeline.config import Params
-from pipeline.data.shards import TrainStream, eval_pipeline, read_manifest, shard_urls
+from pipeline.data.shards import TrainStream, iter_samples, read_manifest, shard_urls
+from pipeline.data.transforms import normalize_images
 from pipeline.dist.backends import BackendOptions, make_backend
 from pipeline.dist.checkpoint import CheckpointManager, torch_save_atomic
-from pipeline.dist.env import DistInfo, barrier
-from pipeline.evaluation import DistanceSpec, FeatureSet, evaluate
-from pipeline.reid.data import EvalTransform, TrainTransform, collate, read_vid
+from pipeline.dist.env import DistInfo, barrier, broadcast_from_main
+from pipeline.evaluation.spec import DistanceSpec
+from pipeline.evaluation.streaming import evaluate
+from pipeline.progress import progress
+from pipeline.reid.data import TrainTransform, collate, read_vid
+from pipeline.reid.embed import gather_features
 from pipeline.reid.losses import pven_loss
-from pipeline.reid.model import build_model, model_payload, normalize_images
+from pipeline.reid.model import MODEL_FILE, build_model, model_payload
 from pipeline.reid.sampling import PKBatcher
 
 LOSS_NAMES = ("loss", "id", "gtri", "ltri")
+STEP_COLUMNS = ("step", "epoch", *LOSS_NAMES, "lr")   # the fields of TrainResult.steps rows
 LOG_EVERY = 10  # steps between MLflow loss points (each one is a database write)
 VAL_BATCH = 64
-MODEL_FILE = "model.pt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,35 +102,15 @@ class WarmupCosine:
 
 def training_identities(data_dir: Path, info: DistInfo) -> list[int]:
     """Sorted vids of the training split, read from the shards' json members (rank 0, then broadcast)."""
-    vids: list = [None]
+    vids = None
     if info.is_main:
-        found = set()
-        for url in shard_urls(data_dir, "train"):
-            with tarfile.open(url) as tar:  # random access: only json members are read
-                for member in tar:
-                    if member.name.endswith(".json"):
-                        found.add(int(json.loads(tar.extractfile(member).read())["vid"]))
+        found = {int(json.loads(sample["json"])["vid"])
+                 for url in shard_urls(data_dir, "train") for sample in iter_samples(url, exts=("json",))}
         expected = read_manifest(data_dir)["splits"]["train"]["identities"]
         if len(found) != expected:
             raise ValueError(f"{data_dir}: train shards hold {len(found)} identities, manifest says {expected}")
-        vids = [sorted(found)]
-    if info.distributed:
-        dist.broadcast_object_list(vids, 0)
-    return vids[0]
-
-
-def cpu_threads(num_workers: int) -> int:
-    """Intra-op threads for one training process: its share of the cores minus its loader workers.
-
-    OpenMP threads spin while they wait; with more threads than free cores (loader
-    workers, other ranks, other jobs) a step slows down many times over (measured on
-    2 shared cores: 1 thread 31.9 img/s, 2 threads 3.9 img/s). ``OMP_NUM_THREADS``, when
-    set, wins. For the process owner (the stage) to apply; the library never does.
-    """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, (os.cpu_count() or 1) // local - num_workers)
+        vids = sorted(found)
+    return broadcast_from_main(vids, info)
 
 
 def fingerprint(params: Params, data_dir: Path, world_size: int) -> str:
@@ -149,55 +132,28 @@ def _seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------- validation
 
-@torch.no_grad()
-def _extract(backend, urls: list[str], params: Params, info: DistInfo) -> dict[str, np.ndarray] | None:
-    """Features of this rank's share of ``urls`` (shards r, r+w, ...), gathered on rank 0 (None elsewhere)."""
-    cfg = params.reid
-    mine = urls[info.rank::info.world_size]
-    parts: dict[str, list] = {"global": [], "local": [], "vis": [], "vids": [], "cams": []}
-    if mine:
-        pipe = eval_pipeline(mine, 0, 1, map_fn=EvalTransform(tuple(cfg.image_size)))
-        loader = torch.utils.data.DataLoader(pipe, batch_size=VAL_BATCH, collate_fn=collate,
-                                             num_workers=min(cfg.num_workers, len(mine)))
-        for batch in loader:
-            images = normalize_images(batch["images"].to(info.device), cfg.channels_last)
-            out = backend.forward(images, batch["masks"].to(info.device))
-            parts["global"].append(out["neck"].float().cpu())
-            parts["local"].append(out["local"].float().cpu())
-            parts["vis"].append(out["visibility"].float().cpu())
-            parts["vids"].append(batch["vids"])
-            parts["cams"].append(batch["cameras"])
-    local = {k: torch.cat(v).numpy() if v else None for k, v in parts.items()}
-    gathered = [local]
-    if info.distributed:
-        gathered = [None] * info.world_size if info.is_main else None
-        dist.gather_object(local, gathered, dst=0)
-    if not info.is_main:
-        return None
-    return {k: np.concatenate([g[k] for g in gathered if g[k] is not None]) for k in local}
-
-
 def validate(backend, data_dir: Path, params: Params, info: DistInfo) -> dict[str, float]:
     """Query vs gallery metrics of the current model (every rank gets the same numbers)."""
     splits = read_manifest(data_dir)["splits"]
     if "query" not in splits or "gallery" not in splits:
         return {}  # e.g. VehicleID: the evaluate stage draws its galleries
+    cfg = params.reid
     backend.sync_buffers()
     backend.eval()
-    q = _extract(backend, shard_urls(data_dir, "query"), params, info)
-    g = _extract(backend, shard_urls(data_dir, "gallery"), params, info)
+
+    def forward(images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        return backend.forward(normalize_images(images.to(info.device), cfg.channels_last), masks.to(info.device))
+    sets = [gather_features(forward, data_dir, split, info, size=tuple(cfg.image_size), batch_size=VAL_BATCH,
+                            num_workers=cfg.num_workers) for split in ("query", "gallery")]
     backend.train()
-    metrics = [None]
+    metrics = None
     if info.is_main:  # one rank ranks; the others would repeat the same work on the same cores
-        sets = [FeatureSet(x["vids"], x["cams"], x["global"], x["local"], x["vis"]) for x in (q, g)]
         # The variant's own lambda: training does not read the eval section (dvc.yaml params).
-        full = evaluate(*sets, DistanceSpec(mode="pven", variant=params.reid.variant)).summary((1, 5))
-        glob = evaluate(*sets, DistanceSpec(mode="global", variant=params.reid.variant)).summary((1, 5))
-        metrics = [{"val_mAP": full["mAP"], "val_rank1": full["rank1"], "val_rank5": full["rank5"],
-                    "val_mAP_global": glob["mAP"], "val_rank1_global": glob["rank1"]}]
-    if info.distributed:
-        dist.broadcast_object_list(metrics, src=0)
-    return metrics[0]
+        full = evaluate(*sets, DistanceSpec(mode="pven", variant=cfg.variant)).summary((1, 5))
+        glob = evaluate(*sets, DistanceSpec(mode="global", variant=cfg.variant)).summary((1, 5))
+        metrics = {"val_mAP": full["mAP"], "val_rank1": full["rank1"], "val_rank5": full["rank5"],
+                   "val_mAP_global": glob["mAP"], "val_rank1_global": glob["rank1"]}
+    return broadcast_from_main(metrics, info)
 
 
 # --------------------------------------------------------------------------- training
@@ -206,7 +162,7 @@ def train(params: Params, info: DistInfo, *, data_dir: str | Path | None = None,
           out_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
           on_checkpoint: Callable[[int, Path], None] | None = None,
-          run=None, progress: bool = True) -> TrainResult:
+          run=None, show_progress: bool = True) -> TrainResult:
     """Train PVEN; see the module docstring. Collective: every rank calls it.
 
     data_dir / out_dir / checkpoint_dir default to ``masks.out_dir``, ``reid.out_dir``
@@ -236,15 +192,13 @@ def train(params: Params, info: DistInfo, *, data_dir: str | Path | None = None,
     try:
         return _train_loop(params, info, backend, data_dir, out_dir,
                            Path(checkpoint_dir or cfg.checkpoint_dir), class_vids,
-                           on_epoch, on_checkpoint, run, progress)
+                           on_epoch, on_checkpoint, run, show_progress)
     finally:
         backend.close()
 
 
 def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_vids,
-                on_epoch, on_checkpoint, run, progress) -> TrainResult:
-    from tqdm import tqdm
-
+                on_epoch, on_checkpoint, run, show_progress) -> TrainResult:
     cfg = params.reid
     ckpt = CheckpointManager(checkpoint_dir, info, fingerprint(params, data_dir, info.world_size))
     state = ckpt.load(backend) or {"epoch": 0, "batch": 0, "history": [], "steps": []}
@@ -273,8 +227,9 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
 
     backend.train()
     while epoch < cfg.epochs:
-        bar = tqdm(total=cfg.batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (progress and info.is_main), leave=False, mininterval=2.0)
+        bar = progress(total=cfg.batches_per_epoch, desc=f"train_reid epoch {epoch + 1}/{cfg.epochs}",
+                       unit="batch", enabled=show_progress and info.is_main, leave=False)
+        bar.update(skip)
         counted, data_wait, started = 0, 0.0, time.perf_counter()
         waited_from = time.perf_counter()
         for b, batch in enumerate(stream.epoch(epoch)):
@@ -298,7 +253,7 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
             step_rows.append({"step": global_step, "epoch": epoch + 1, **{k: round(v, 6) for k, v in row.items()},
                               "lr": backend.lr})
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            bar.set_postfix(loss=row["loss"], lr=backend.lr)
             if run is not None and global_step % LOG_EVERY == 0:
                 run.log_metrics({f"train_{k}": v for k, v in row.items()} | {"lr": backend.lr}, step=global_step)
             if global_step % cfg.checkpoint_every == 0 and b + 1 < cfg.batches_per_epoch:
@@ -325,7 +280,7 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
         save(epoch, 0)
         if run is not None:
             run.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=global_step)
-        if info.is_main and progress:
+        if info.is_main and show_progress:
             print("train_reid: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in record.items()), flush=True)
         if on_epoch is not None:

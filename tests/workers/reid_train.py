@@ -54,7 +54,7 @@ def main() -> None:
     work = Path(args.work)
     try:
         result = train(params, info, data_dir=args.data, out_dir=work / "model", checkpoint_dir=work / "ckpt",
-                       on_checkpoint=on_checkpoint, progress=False)
+                       on_checkpoint=on_checkpoint, show_progress=False)
         mine = {"rank": info.rank, "params": digest(p for p in result.model.parameters()),
                 "buffers": digest(b for b in result.model.buffers() if b.is_floating_point()),
                 "val": {k: v for k, v in result.summary.items() if k.startswith("val_")}}

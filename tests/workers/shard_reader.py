@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.data.shards import TrainStream, eval_pipeline, shard_urls
+from pipeline.dist.env import DistInfo
 
 
 def main(shard_dir: str, out_json: str) -> None:
@@ -29,7 +30,8 @@ def main(shard_dir: str, out_json: str) -> None:
             dist.all_reduce(step)  # both ranks must be here for every batch
             batches += 1
             train_keys += [s["key"] for s in batch]
-    eval_keys = [s["key"] for s in eval_pipeline(shard_urls(shard_dir, "gallery"), rank, world)]
+    info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), owns_group=False)
+    eval_keys = [s["key"] for s in eval_pipeline(shard_urls(shard_dir, "gallery"), info=info)]
     gathered = [None] * world
     dist.all_gather_object(gathered, {"rank": rank, "batches": batches, "train": train_keys, "eval": eval_keys})
     if rank == 0:

@@ -33,6 +33,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline import atomic
+from pipeline.data.records import VIEWS_COLUMNS
+from pipeline.progress import progress
+
 from .scene import camera_fields, camera_spec, image_view, render
 from .vehicles import build_vehicle
 
@@ -40,7 +44,6 @@ if TYPE_CHECKING:  # workers need not import the config module (PyYAML) at start
     from pipeline.config import SynthConfig
 
 TRAIN, TEST, QUERY = "image_train", "image_test", "image_query"
-VIEWS_HEADER = "folder,name,vid,camera,azimuth_deg,elevation_deg"
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def _remove_stale(out_dir: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int) -> dict:
+def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int, show_progress: bool = False) -> dict:
     """Render the dataset described by ``cfg`` into ``out_dir`` (replaced atomically).
 
     Uses ``cfg.workers`` processes (spawn context: safe whatever the parent has
@@ -200,6 +203,7 @@ def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int) -> dict:
     Returns a JSON-able summary: per split (train/query/test) the numbers of images,
     identities, cameras and label PNGs; images rendered (a query is rendered once and
     written twice), files written, seconds and rendered images per second.
+    ``show_progress`` reports the images rendered so far (:mod:`pipeline.progress`).
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -209,40 +213,37 @@ def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int) -> dict:
     groups = plan(cfg, seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     _remove_stale(out_dir)
     try:
         for folder in (TRAIN, TEST, QUERY):
             (tmp / folder).mkdir(parents=True)
         jobs = [(str(tmp), seed, cfg.image_size, cfg.jpeg_quality, tasks) for tasks in groups]
         rows: list[tuple] = []
+        bar = progress(desc="synth", unit="img", total=sum(len(tasks) for tasks in groups), enabled=show_progress)
         if cfg.workers == 1:
             for job in jobs:
                 rows.extend(_render_group(job))
+                bar.update(len(job[-1]))
         else:
             # spawn: safe whatever the parent imported (torch threads, open files);
             # ProcessPoolExecutor fails fast if a worker dies, where Pool would hang.
             try:
                 with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-                    for part in pool.map(_render_group, jobs):
+                    for job, part in zip(jobs, pool.map(_render_group, jobs)):
                         rows.extend(part)
+                        bar.update(len(job[-1]))
             except BrokenProcessPool as exc:
                 raise RuntimeError(
                     f"synthetic renderer: a worker process died ({exc}). Workers are started "
                     f"with 'spawn', which re-imports the main module: run from a file or "
                     f"module (not stdin) with an `if __name__ == '__main__':` guard, or set "
                     f"synth.workers=1") from exc
+        bar.close()
         rows.sort(key=lambda r: (r[0], r[1]))
-        with open(tmp / "views.csv", "w", newline="") as handle:
-            handle.write(VIEWS_HEADER + "\n")
-            for folder, name, vid, cam, az, el in rows:
-                handle.write(f"{folder},{name},{vid},{cam},{az:.2f},{el:.2f}\n")
+        atomic.write_csv(tmp / "views.csv", [dict(zip(VIEWS_COLUMNS, (*row[:4], f"{row[4]:.2f}", f"{row[5]:.2f}")))
+                                             for row in rows], list(VIEWS_COLUMNS))
         by_folder = _write_lists(tmp, groups)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old.exists():
-            shutil.rmtree(old)
+        atomic.swap_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

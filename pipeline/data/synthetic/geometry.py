@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Parsing labels, as in pipeline.data.records.VIEW_NAMES.
-FRONT, BACK, SIDE, TOP = 1, 2, 3, 4
+from pipeline.constants import VIEW_NAMES
+
+# Parsing labels of the four faces (pipeline.constants.VIEW_NAMES: 1 front, 2 back, 3 side, 4 top).
+FRONT, BACK, SIDE, TOP = (VIEW_NAMES.index(name) for name in ("front", "back", "side", "top"))
 
 # Materials: how a surface reacts to light (see scene.shade).
 PAINT, GLASS, LAMP, MATTE = 0, 1, 2, 3

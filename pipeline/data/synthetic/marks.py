@@ -169,7 +169,7 @@ _CAR_MARKS = ("sticker", "roof_box", "roof_rack", "light_bar", "side_stripe", "t
               "spare_wheel", "bull_bar", "tint", "roof_colour", "side_logo", "rear_decal",
               "hood_patch", "door_panel")
 MARKS_BY_TYPE = {
-    **{k: _CAR_MARKS for k in ("sedan", "hatchback", "suv")},
+    **dict.fromkeys(("sedan", "hatchback", "suv"), _CAR_MARKS),
     "van": tuple(m for m in _CAR_MARKS if m not in ("hood_patch", "top_stripe")),
     "pickup": tuple(m for m in _CAR_MARKS if m != "spare_wheel") + ("bed_cover",),
     "bus": ("sticker", "roof_box", "side_stripe", "side_logo", "rear_decal", "tint", "roof_colour"),

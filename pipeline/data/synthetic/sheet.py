@@ -6,14 +6,14 @@ turn them into something a person can check at a glance.
 from __future__ import annotations
 
 import csv
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.data.records import VIEW_NAMES
+from pipeline import atomic
+from pipeline.constants import VIEW_NAMES
 from pipeline.viz import LABEL_COLOURS, overlay_labels
 
 _NAME = re.compile(r"(\d+)_c(\d\d\d)")
@@ -101,7 +101,5 @@ def write_contact_sheet(root: Path, out_png: Path, n_ids: int = 6, n_cams: int =
                        outline=(0, 0, 0))
         draw.text((x + 18, y + 6), f"{value} {VIEW_NAMES[value]}", fill=(0, 0, 0), font=font)
         x += 90
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}")
-    sheet.save(tmp, "PNG")
-    os.replace(tmp, out_png)
+    with atomic.replacing(out_png) as tmp:
+        sheet.save(tmp, "PNG")

@@ -23,8 +23,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import (BACK, FRONT, GLASS, LAMP, MATTE, PAINT, SIDE, TOP, Builder, Decal, Face,
-                       Part, box, ellipse, frustum, rect)
+from .geometry import (
+    BACK,
+    FRONT,
+    GLASS,
+    LAMP,
+    MATTE,
+    PAINT,
+    SIDE,
+    TOP,
+    Builder,
+    Decal,
+    Face,
+    Part,
+    box,
+    ellipse,
+    frustum,
+    rect,
+)
 from .marks import add_marks
 
 BODY_TYPES: tuple[str, ...] = ("sedan", "hatchback", "suv", "van", "pickup", "bus", "truck")
@@ -397,7 +413,8 @@ def _compile(parts: list[Part], body: str, paint: str, marks: tuple[str, ...],
         verts=np.concatenate(verts), spans=np.asarray(spans, dtype=np.int64),
         normal=np.asarray(normal), point=np.asarray(point), material=np.asarray(material, dtype=np.int8),
         colour=np.asarray(colour, dtype=np.float64), label=np.asarray(label, dtype=np.uint8),
-        parts=tuple(compiled), part_rows=np.asarray(part_rows, dtype=np.int64), pair_lo=np.asarray(lo, dtype=np.int64), pair_hi=np.asarray(hi, dtype=np.int64),
+        parts=tuple(compiled), part_rows=np.asarray(part_rows, dtype=np.int64),
+        pair_lo=np.asarray(lo, dtype=np.int64), pair_hi=np.asarray(hi, dtype=np.int64),
         pair_normal=np.asarray(pn).reshape(-1, 3), pair_offset=np.asarray(po),
         body=body, paint=paint, marks=marks, size=size)
 

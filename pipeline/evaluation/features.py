@@ -1,0 +1,139 @@
+"""Embeddings with their labels: :class:`FeatureSet`, and the on-disk embedding folder.
+
+A folder ``<dir>/<split>/`` (written by :func:`write_feature_folder`, e.g. by the
+evaluate stage) holds ``global.npy`` (N, C) float32, ``local.npy`` (N, 4, C) float32,
+``visibility.npy`` (N, 4) float32 (mask cells of each view on the feature map),
+``ids.npy`` (N,) int64, ``cams.npy`` (N,) int64 (-1: unknown) and ``keys.txt`` (one
+sample key a line). The folder is built under a temporary name and swapped in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import atomic
+from pipeline.constants import NUM_PARTS
+
+__all__ = ["ARRAYS", "FeatureSet", "as_tensor", "load_features", "write_feature_folder"]
+
+ARRAYS = ("global", "local", "visibility", "ids", "cams")
+
+
+def as_tensor(name: str, x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    arr = np.asarray(x)
+    if arr.dtype == object:
+        raise ValueError(f"{name}: expected a numeric array, got dtype object")
+    return torch.from_numpy(arr)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureSet:
+    """Embeddings of N images with their labels (numpy arrays or torch tensors).
+
+    ids:          (N,) vehicle ids (ints or strings)
+    cams:         (N,) camera ids, -1 where unknown, or None (no cameras, e.g. VehicleID)
+    global_feats: (N, Cg) float, or None if only ``local`` mode is used
+    part_feats:   (N, 4, Cp) float, or None if only ``global`` mode is used
+    visibility:   (N, 4) float >= 0 (part mask areas), required with part_feats
+    """
+    ids: Any
+    cams: Any = None
+    global_feats: Any = None
+    part_feats: Any = None
+    visibility: Any = None
+
+    def __post_init__(self) -> None:
+        ids = self.ids.detach().cpu().numpy() if isinstance(self.ids, torch.Tensor) else np.asarray(self.ids)
+        if ids.ndim != 1:
+            raise ValueError(f"FeatureSet.ids: expected shape (N,), got {ids.shape}")
+        n = ids.shape[0]
+        object.__setattr__(self, "ids", ids)
+        if self.cams is not None:
+            cams = self.cams.detach().cpu().numpy() if isinstance(self.cams, torch.Tensor) else np.asarray(self.cams)
+            if cams.shape != (n,):
+                raise ValueError(f"FeatureSet.cams: expected shape ({n},), got {cams.shape}")
+            object.__setattr__(self, "cams", cams)
+        if self.global_feats is None and self.part_feats is None:
+            raise ValueError("FeatureSet: needs global_feats and/or part_feats")
+        if self.global_feats is not None:
+            g = as_tensor("FeatureSet.global_feats", self.global_feats)
+            if g.ndim != 2 or g.shape[0] != n or not g.is_floating_point():
+                raise ValueError(f"FeatureSet.global_feats: expected float (N={n}, Cg), got "
+                                 f"{tuple(g.shape)} {g.dtype}")
+        if self.part_feats is not None:
+            p = as_tensor("FeatureSet.part_feats", self.part_feats)
+            if p.ndim != 3 or p.shape[:2] != (n, NUM_PARTS) or not p.is_floating_point():
+                raise ValueError(f"FeatureSet.part_feats: expected float (N={n}, {NUM_PARTS}, Cp), got "
+                                 f"{tuple(p.shape)} {p.dtype}")
+            if self.visibility is None:
+                raise ValueError("FeatureSet.visibility: required with part_feats")
+            v = as_tensor("FeatureSet.visibility", self.visibility)
+            if tuple(v.shape) != (n, NUM_PARTS):
+                raise ValueError(f"FeatureSet.visibility: expected shape ({n}, {NUM_PARTS}), got {tuple(v.shape)}")
+            bad = ~torch.isfinite(v.double()) | (v.double() < 0)
+            if bad.any():
+                i, j = (int(t) for t in bad.nonzero()[0])
+                raise ValueError(f"FeatureSet.visibility: {int(bad.sum())} entries are negative or not "
+                                 f"finite (first: image {i}, part {j}, value {float(v[i, j])})")
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def subset(self, index: Any) -> FeatureSet:
+        """The images at ``index`` (int array / slice / bool mask), same field types."""
+        idx = np.arange(len(self))[index] if not isinstance(index, slice) else index
+
+        def take(x: Any) -> Any:
+            if x is None:
+                return None
+            if isinstance(x, torch.Tensor):
+                return x[torch.as_tensor(idx) if not isinstance(idx, slice) else idx]
+            return np.asarray(x)[idx]
+        return FeatureSet(take(self.ids), take(self.cams), take(self.global_feats),
+                          take(self.part_feats), take(self.visibility))
+
+    @staticmethod
+    def concat(sets: Sequence[FeatureSet]) -> FeatureSet:
+        """Stack several sets (e.g. query + gallery for re-ranking) as numpy/torch like the first."""
+        def cat(name: str) -> Any:
+            vals = [getattr(s, name) for s in sets]
+            if any(v is None for v in vals):
+                if not all(v is None for v in vals):
+                    raise ValueError(f"FeatureSet.concat: {name} is missing in some sets")
+                return None
+            if isinstance(vals[0], torch.Tensor):
+                return torch.cat([as_tensor(name, v) for v in vals])
+            return np.concatenate([np.asarray(v) for v in vals])
+        return FeatureSet(cat("ids"), cat("cams"), cat("global_feats"), cat("part_feats"), cat("visibility"))
+
+
+def write_feature_folder(folder: Path, arrays: dict[str, np.ndarray], keys: Sequence[str]) -> Path:
+    """Write one split's :data:`ARRAYS` and keys as ``folder`` (staged beside it, then swapped in)."""
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.merged")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in ARRAYS:
+        np.save(staging / f"{name}.npy", arrays[name])
+    atomic.write_text(staging / "keys.txt", "".join(f"{k}\n" for k in keys))
+    atomic.swap_dir(staging, folder)
+    return folder
+
+
+def load_features(folder: Path) -> tuple[FeatureSet, list[str]]:
+    """An embedding folder -> (FeatureSet with global, part features and visibilities, keys)."""
+    folder = Path(folder)
+    missing = [n for n in ARRAYS if not (folder / f"{n}.npy").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: missing {', '.join(m + '.npy' for m in missing)}")
+    a = {name: np.load(folder / f"{name}.npy") for name in ARRAYS}
+    keys = (folder / "keys.txt").read_text().splitlines()
+    return FeatureSet(a["ids"], a["cams"], a["global"], a["local"], a["visibility"]), keys

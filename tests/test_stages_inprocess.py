@@ -1,0 +1,64 @@
+"""The six stages' ``main()`` called in-process, in order, on the real params shrunk.
+
+This is how a test (or a notebook) runs a stage without a subprocess: ``main(params,
+root)``. It also pins what dvc.yaml relies on: each stage reads exactly the params it
+declares in ``PARAMS`` (reading an undeclared key raises, and every declared key is
+read), so `dvc repro` reruns a stage exactly when something it reads has changed.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+from pipeline.config import ConfigError, load_params
+from tests.conftest import TINY, write_project
+from tests.test_masks import TINY_ENCODER
+from tests.test_reid_train import REID_TINY
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("synth", "shard", "train_parser", "masks", "train_reid", "evaluate")
+SHRUNK = [*TINY, f"parser.encoder={TINY_ENCODER}", "parser.image_size=32", "parser.epochs=1", "parser.batch_size=4",
+          "parser.num_workers=0", "parser.val_fraction=0.3", "masks.num_workers=0", *REID_TINY,
+          "reid.val_every=1", "reid.num_workers=0", "eval.num_workers=0", "eval.grid_queries=2"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    project = write_project(tmp_path / "project", SHRUNK)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(project))  # MLflow artifacts go under the project, not the checkout
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    return project
+
+
+def test_every_stage_runs_in_process_and_reads_exactly_its_params(project):
+    params = load_params(project / "params.yaml")
+    returned = {}
+    for name in STAGES:
+        stage = importlib.import_module(f"stages.{name}")
+        view = params.only(stage.PARAMS, name)
+        returned[name] = stage.main(view, root=project)
+        assert view.reads == set(stage.PARAMS), f"{name} declares {sorted(stage.PARAMS)}, reads {sorted(view.reads)}"
+    files = {"synth": "synth", "shard": "shard", "train_parser": "parser", "masks": "masks", "train_reid": "train",
+             "evaluate": "eval"}
+    for name, file in files.items():
+        assert json.loads((project / f"metrics/{file}.json").read_text()) == json.loads(json.dumps(returned[name]))
+    assert returned["train_reid"]["epochs"] == 2 and "val_mAP" in returned["train_reid"]
+    assert {"global", "local", "pven"} <= set(returned["evaluate"])
+    assert (project / "reports/ranked_worst.png").stat().st_size > 0
+
+
+def test_a_stage_that_reads_an_undeclared_key_fails_naming_it(project):
+    view = load_params(project / "params.yaml").only(("seed", "synth"), "synth")
+    with pytest.raises(ConfigError, match=r"synth reads params 'reid'.*add it to the stage's PARAMS and dvc.yaml"):
+        _ = view.reid
+    view = load_params(project / "params.yaml").only(("seed", "masks.out_dir"), "train_reid")
+    assert view.masks.out_dir == "data/masked" and view.reads == {"masks.out_dir"}
+    with pytest.raises(ConfigError, match=r"train_reid reads params 'masks.batch_size'"):
+        _ = view.masks.batch_size
+    with pytest.raises(ConfigError, match=r"reid.nope: not a params key"):
+        load_params(project / "params.yaml").only(("reid.nope",))
