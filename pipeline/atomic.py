@@ -80,3 +80,10 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str] |
         return str(value)
     lines = [",".join(columns)] + [",".join(cell(row[c]) for c in columns) for row in rows]
     return write_text(path, "\n".join(lines) + "\n")
+
+
+def write_png(path: str | Path, image: Any) -> Path:
+    """A PIL image (anything with ``save(file, format=...)``) as PNG."""
+    with replacing(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

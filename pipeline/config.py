@@ -12,6 +12,7 @@ before validation, so they are checked exactly like the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -23,10 +24,11 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.cli import InputError
 from pipeline.constants import VARIANTS, VEHICLEID_SUBSETS, VERIWILD_SUBSETS
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A params file or override does not match the schema."""
 
 
@@ -87,6 +89,9 @@ class ShardConfig:
     ``resize`` stores images already resized to ``[height, width]`` (decode cost
     falls with pixel count); ``keep_originals`` then also stores the original JPEG.
     ``strict`` makes an undecodable image fatal instead of skipped and listed;
+    ``bad_entries``: ``raise`` (default) stops on a dataset with missing or empty images,
+    malformed list lines or missing camera rows, after listing every one of them;
+    ``skip`` leaves those entries out and lists them in the manifest's ``skipped``.
     ``workers`` processes encode shards in parallel.
     """
     out_dir: str = "data/shards"
@@ -96,6 +101,7 @@ class ShardConfig:
     keep_originals: bool = False
     jpeg_quality: int = _bounded(95, ge=1, le=100)
     strict: bool = False
+    bad_entries: Literal["raise", "skip"] = "raise"
     workers: int = _bounded(2, ge=1)
 
 
@@ -440,8 +446,10 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key "
-                          f"(allowed in {where}: {', '.join(sorted(fields))})")
+                          f"({hint}allowed in {where}: {', '.join(sorted(fields))})")
     values = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name

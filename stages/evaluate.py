@@ -14,20 +14,22 @@ by the PVEN distance itself: with ``eval.rerank`` the metrics are re-ranked, the
 import functools
 from pathlib import Path
 
-from pipeline import atomic
+from pipeline import atomic, cli
 from pipeline.config import Params, ParamsView, stage_params
 from pipeline.data.shards import fetch_samples
 from pipeline.dist.env import init_distributed, shutdown
 from pipeline.evaluation.features import load_features
-from pipeline.evaluation.report import ranked_pictures, score
+from pipeline.evaluation.report import cmc_chart, ranked_pictures, score
 from pipeline.reid.embed import extract_split, model_forward
 from pipeline.reid.model import MODEL_FILE, load_model
-from pipeline.tracking import stage_run
+from pipeline.tracking import headline, stage_run, without_timings
 
 PARAMS = ("seed", "data.source", "data.test_subset", "masks.out_dir", "reid.out_dir", "eval")
 EMBEDDINGS = Path("embeddings")
-METRICS = Path("metrics/eval.json")
-CMC = Path("plots/cmc.csv")
+METRICS, REPORT = Path("metrics/eval.json"), Path("reports/eval.json")
+HEADLINE = {"mAP": "pven.mAP", "rank1": "pven.rank1", "rank5": "pven.rank5", "mINP": "pven.mINP",
+            "mAP_global": "global.mAP", "mAP_local": "local.mAP"}
+CMC, CMC_PNG = Path("plots/cmc.csv"), Path("reports/cmc.png")
 
 
 def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> dict | None:
@@ -48,16 +50,15 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
             sets = {split: load_features(root / EMBEDDINGS / split) for split in splits}
             scores = score(sets, cfg, source=source, test_subset=params.data.test_subset, seed=params.seed,
                            variant=meta["variant"])
-            atomic.write_json(root / METRICS, scores.metrics)
+            atomic.write_json(root / REPORT, without_timings(scores.metrics))
+            atomic.write_json(root / METRICS, headline(scores.metrics, HEADLINE))
             atomic.write_csv(root / CMC, scores.cmc, number_format="g")
+            atomic.write_png(root / CMC_PNG, cmc_chart(scores.cmc))
             run.log_metrics(scores.metrics)
-            pictures = [] if source == "vehicleid" or cfg.grid_queries == 0 else ranked_pictures(
-                sets, scores, cfg.grid_queries, functools.partial(fetch_samples, masked)).items()
-            for name, picture in pictures:
-                with atomic.replacing(root / f"reports/ranked_{name}.png") as tmp:
-                    picture.save(tmp, format="PNG")
-                run.log_artifact(root / f"reports/ranked_{name}.png")
-            for path in (METRICS, CMC):
+            pictures = {} if source == "vehicleid" or cfg.grid_queries == 0 else ranked_pictures(
+                sets, scores, cfg.grid_queries, functools.partial(fetch_samples, masked))
+            for path in [METRICS, REPORT, CMC, CMC_PNG] + [atomic.write_png(root / f"reports/ranked_{name}.png", image)
+                                                          for name, image in pictures.items()]:
                 run.log_artifact(root / path)
             print(f"evaluate: {scores.metrics}")
             return scores.metrics
@@ -66,4 +67,4 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -16,17 +16,19 @@ from pathlib import Path
 
 import torch
 
-from pipeline import atomic
+from pipeline import atomic, cli
 from pipeline.config import Params, ParamsView, stage_params
 from pipeline.data.shards import MANIFEST
 from pipeline.dist.env import init_distributed, shutdown
 from pipeline.parsing.model import CHECKPOINT
 from pipeline.parsing.predict import write_masked_shards
 from pipeline.parsing.report import masks_sheet, save_png
-from pipeline.tracking import stage_run
+from pipeline.tracking import headline, stage_run, without_timings
 
 PARAMS = ("seed", "masks", "shard.out_dir", "parser.out_dir")
-METRICS = Path("metrics/masks.json")
+METRICS, REPORT = Path("metrics/masks.json"), Path("reports/masks.json")
+HEADLINE = {"heldout_miou": "heldout_truth.miou", "images": "images", "skipped": "skipped",
+            "images_per_s": "images_per_s"}
 OVERLAYS = Path("reports/masks_overlays.png")
 
 
@@ -43,10 +45,11 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
                                          batch_size=cfg.batch_size, mask_size=cfg.mask_size,
                                          num_workers=cfg.num_workers, info=info, show_progress=True)
             if info.is_main:
-                atomic.write_json(root / METRICS, result["metrics"])
+                atomic.write_json(root / REPORT, without_timings(result["metrics"]))
+                atomic.write_json(root / METRICS, headline(result["metrics"], HEADLINE))
                 save_png(root / OVERLAYS, masks_sheet(out_dir, shards))
                 run.log_metrics(result["metrics"])
-                for path in (root / METRICS, root / OVERLAYS, out_dir / MANIFEST):
+                for path in (root / METRICS, root / REPORT, root / OVERLAYS, out_dir / MANIFEST):
                     run.log_artifact(path)
     finally:
         shutdown(info)
@@ -61,4 +64,4 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -6,16 +6,19 @@
 Reads params ``seed``, ``data`` and ``shard``. Writes ``shard.out_dir`` (tars +
 manifest.json) and ``metrics/shard.json`` (per-split counts, skipped inputs).
 """
+import time
 from pathlib import Path
 
-from pipeline import atomic
+from pipeline import atomic, cli
 from pipeline.config import Params, ParamsView, stage_params
 from pipeline.data.shards import MANIFEST, ShardOptions, shard_metrics, write_shards
-from pipeline.data.sources import read_dataset
-from pipeline.tracking import stage_run
+from pipeline.data.sources import read_dataset_checked, skipped_entry
+from pipeline.tracking import headline, stage_run, without_timings
 
 PARAMS = ("seed", "data", "shard")
-METRICS = Path("metrics/shard.json")
+METRICS, REPORT = Path("metrics/shard.json"), Path("reports/shard.json")
+HEADLINE = {f"{split}_samples": f"{split}.samples" for split in ("train", "query", "gallery", "test")} | {
+    "skipped": "skipped", "seconds": "seconds"}
 
 
 def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> dict:
@@ -24,14 +27,18 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
     params = stage_params(params, PARAMS, "shard", root / "params.yaml")
     cfg, data = params.shard, params.data
     out_dir = root / cfg.out_dir
+    started = time.perf_counter()
     with stage_run("shard", params) as run:
-        splits = read_dataset(data.source, root / data.root, data.test_subset)
+        splits, problems = read_dataset_checked(data.source, root / data.root, data.test_subset, cfg.bad_entries)
         manifest = write_shards(splits, out_dir, ShardOptions.from_config(cfg), seed=params.seed, workers=cfg.workers,
-                                extra={"source": data.source, "root": data.root}, show_progress=True)
-        metrics = shard_metrics(manifest)
-        atomic.write_json(root / METRICS, metrics)
+                                extra={"source": data.source, "root": data.root}, show_progress=True,
+                                skipped=[skipped_entry(p) for p in problems])
+        metrics = shard_metrics(manifest) | {"seconds": round(time.perf_counter() - started, 2)}
+        atomic.write_json(root / REPORT, without_timings(metrics))
+        atomic.write_json(root / METRICS, headline(metrics, HEADLINE))
         run.log_metrics(metrics)
-        run.log_artifact(out_dir / MANIFEST)
+        for path in (out_dir / MANIFEST, root / METRICS, root / REPORT):
+            run.log_artifact(path)
     for item in manifest["skipped"]:
         print(f"shard: skipped {item['split']} {item['image']}: {item['reason']}")
     print(f"shard: {metrics}")
@@ -39,4 +46,4 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

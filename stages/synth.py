@@ -8,14 +8,16 @@ PNGs, views.csv), ``reports/synth_contact_sheet.png`` and ``metrics/synth.json``
 """
 from pathlib import Path
 
-from pipeline import atomic
+from pipeline import atomic, cli
 from pipeline.config import Params, ParamsView, stage_params
 from pipeline.data.synthetic import render_dataset, write_contact_sheet
-from pipeline.tracking import stage_run
+from pipeline.tracking import headline, stage_run, without_timings
 
 PARAMS = ("seed", "synth")
 CONTACT_SHEET = Path("reports/synth_contact_sheet.png")
-METRICS = Path("metrics/synth.json")
+METRICS, REPORT = Path("metrics/synth.json"), Path("reports/synth.json")
+HEADLINE = {"images": "images_rendered", "train_ids": "splits.train.identities",
+            "test_ids": "splits.query.identities", "images_per_s": "images_per_s"}
 
 
 def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> dict:
@@ -26,13 +28,14 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
     with stage_run("synth", params) as run:
         summary = render_dataset(params.synth, out_dir, params.seed, show_progress=True)
         write_contact_sheet(out_dir, root / CONTACT_SHEET)
-        atomic.write_json(root / METRICS, summary)
+        atomic.write_json(root / REPORT, without_timings(summary))
+        atomic.write_json(root / METRICS, headline(summary, HEADLINE))
         run.log_metrics(summary)
-        run.log_artifact(root / CONTACT_SHEET)
-        run.log_artifact(root / METRICS)
+        for path in (CONTACT_SHEET, METRICS, REPORT):
+            run.log_artifact(root / path)
     print(f"synth: {summary}")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -14,18 +14,21 @@ from pathlib import Path
 
 import torch
 
-from pipeline import atomic
+from pipeline import atomic, cli
+from pipeline.charts import line_chart
 from pipeline.config import Params, ParamsView, stage_params
 from pipeline.parsing.data import annotated_subset
 from pipeline.parsing.model import CHECKPOINT
 from pipeline.parsing.report import parser_metrics, save_png, val_overlays
 from pipeline.parsing.train import train_parser
-from pipeline.tracking import stage_run
+from pipeline.tracking import headline, stage_run, without_timings
 
 PARAMS = ("seed", "parser", "shard.out_dir")
-METRICS = Path("metrics/parser.json")
+METRICS, REPORT = Path("metrics/parser.json"), Path("reports/parser.json")
+HEADLINE = {"val_miou": "val.miou", "val_pixel_acc": "val.pixel_acc", "best_epoch": "best_epoch", "seconds": "seconds"}
 PLOTS = Path("plots/parser")
 OVERLAYS = Path("reports/parser_val_overlays.png")
+CURVES = Path("reports/parser_curves.png")
 
 
 def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> dict:
@@ -47,10 +50,14 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
         result = train_parser(cfg, train, val, params.seed, root / cfg.out_dir, device=device,
                               show_progress=True, on_epoch=on_epoch)
         metrics = parser_metrics(result)
-        atomic.write_json(root / METRICS, metrics)
+        atomic.write_json(root / REPORT, without_timings(metrics))
+        atomic.write_json(root / METRICS, headline(metrics, HEADLINE))
         run.log_metrics(metrics)
         save_png(root / OVERLAYS, val_overlays(root / cfg.out_dir / CHECKPOINT, val))
-        for path in (METRICS, OVERLAYS, PLOTS / "loss.csv", PLOTS / "miou.csv"):
+        atomic.write_png(root / CURVES, line_chart(history, "epoch", ["train_loss", "val_loss", "val_miou"],
+                                                   title="Part parser: loss and val mIoU per epoch",
+                                                   x_label="epoch", y_label="loss (CE) / mIoU"))
+        for path in (METRICS, REPORT, OVERLAYS, CURVES, PLOTS / "loss.csv", PLOTS / "miou.csv"):
             run.log_artifact(root / path)
     print(f"train_parser: val mIoU {metrics['val']['miou']:.4f} (epoch {metrics['best_epoch']}), "
           f"{metrics['seconds']:.0f} s")
@@ -58,4 +65,4 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

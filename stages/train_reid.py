@@ -17,16 +17,19 @@ checkpoint folder must be on shared storage.
 """
 from pathlib import Path
 
-from pipeline import atomic
+from pipeline import atomic, cli
+from pipeline.charts import line_chart
 from pipeline.config import Params, ParamsView, stage_params
 from pipeline.dist.env import init_distributed, shutdown
 from pipeline.reid.train import STEP_COLUMNS, train
 from pipeline.threads import training_threads
-from pipeline.tracking import stage_run
+from pipeline.tracking import headline, stage_run, without_timings
 
 PARAMS = ("seed", "masks.out_dir", "reid")
-METRICS = Path("metrics/train.json")
-LOSS_CSV = Path("plots/train_loss.csv")
+METRICS, REPORT = Path("metrics/train.json"), Path("reports/train.json")
+HEADLINE = {"final_loss": "final_loss", "val_mAP": "val_mAP", "best_val_mAP": "best_val_mAP",
+            "images_per_s": "images_per_s", "train_s": "train_s"}
+LOSS_CSV, LOSS_PNG = Path("plots/train_loss.csv"), Path("reports/train_loss.png")
 
 
 def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> dict | None:
@@ -44,11 +47,16 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
             metrics = {**result.summary, "world_size": info.world_size, "backend": cfg.backend,
                        "num_classes": result.num_classes, "resumed_from": result.resumed_from,
                        "history": result.history}
-            atomic.write_json(root / METRICS, metrics)
+            atomic.write_json(root / REPORT, without_timings(metrics))
+            atomic.write_json(root / METRICS, headline(metrics, HEADLINE))
             atomic.write_csv(root / LOSS_CSV, result.steps, list(STEP_COLUMNS))
             for path in (result.model_path, result.model_path.with_name("model.json")):
                 run.log_artifact(path, "model")
-            run.log_artifact(root / LOSS_CSV)
+            atomic.write_png(root / LOSS_PNG, line_chart(result.steps, "step", ["loss", "id", "gtri", "ltri"],
+                                                         title="PVEN training loss per step (total and parts)",
+                                                         x_label="step", y_label="loss"))
+            for path in (METRICS, REPORT, LOSS_CSV, LOSS_PNG):
+                run.log_artifact(root / path)
             print(f"train_reid: {result.summary}")
             return metrics
     finally:
@@ -56,4 +64,4 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

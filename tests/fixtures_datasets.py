@@ -240,3 +240,30 @@ def make_veriwild(root: str | Path, *, train_ids: tuple[int, ...] = (1, 2, 3),
                 files)
     _write_text(split_dir / "vehicle_info.txt", info, files)
     return WrittenTree(root=root, records=records, files=files)
+
+
+# --------------------------------------------------------------------------- faults
+
+def edit_lines(path: str | Path, edit) -> None:
+    """Rewrite a text file through ``edit(lines) -> lines`` (written back with ``\\n``)."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+
+
+def insert_line(path: str | Path, number: int, text: str) -> None:
+    """Insert ``text`` so that it becomes 1-based line ``number`` of the file."""
+    edit_lines(path, lambda lines: lines[:number - 1] + [text] + lines[number - 1:])
+
+
+def drop_rows(path: str | Path, prefix: str) -> int:
+    """Remove every line starting with ``prefix``; return how many were removed."""
+    path = Path(path)
+    before = len(path.read_text().splitlines())
+    edit_lines(path, lambda lines: [line for line in lines if not line.startswith(prefix)])
+    return before - len(path.read_text().splitlines())
+
+
+def empty_file(path: str | Path) -> None:
+    """Truncate a file to 0 bytes (a download that stopped before any data arrived)."""
+    Path(path).write_bytes(b"")

@@ -61,7 +61,7 @@ def test_repro_runs_synth_and_shard_then_does_nothing(tmp_path):
     assert "didn't change" in again and "Running stage" not in again
 
     runs = mlflow_runs(project / "mlflow.db")
-    assert sorted(r.info.run_name for r in runs) == ["shard", "synth"]
+    assert sorted(r.info.run_name for r in runs) == ["shard", "synth"]  # check_params logs no run
     shard_run = next(r for r in runs if r.info.run_name == "shard")
     assert shard_run.data.metrics["train.samples"] == manifest["splits"]["train"]["samples"]
     assert "manifest.json" in {a.path for a in __import__("mlflow").tracking.MlflowClient(
@@ -79,9 +79,9 @@ def test_temp_experiment_logs_into_the_parent_projects_store(tmp_path):
     dvc = str(VENV_BIN / "dvc")
     run([dvc, "exp", "run", "--temp", "-n", "tiny-five", "-S", "synth.train_ids=5", "shard"], project)
     runs = mlflow_runs(project / "mlflow.db")
-    assert sorted(r.info.run_name for r in runs) == ["shard", "synth"]
+    assert sorted(r.info.run_name for r in runs) == ["shard [tiny-five]", "synth [tiny-five]"]
     assert {r.data.tags.get("dvc_experiment") for r in runs} == {"tiny-five"}
-    assert {r.data.params["synth.train_ids"] for r in runs if r.info.run_name == "synth"} == {"5"}
+    assert {r.data.params["synth.train_ids"] for r in runs if r.data.tags["stage"] == "synth"} == {"5"}
     assert not list((project / ".dvc" / "tmp").glob("**/mlflow.db")), "no store left inside the temp copy"
 
 
@@ -98,3 +98,43 @@ def test_real_dataset_layout_goes_through_the_same_stage(tmp_path):
     assert manifest["source"] == "veri776" and manifest["root"] == str(tree.root)
     assert manifest["splits"]["train"]["samples"] == len(tree.records["train"])
     assert manifest["splits"]["query"]["samples"] == len(tree.records["query"])
+
+
+def commit_all(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", message], project)
+
+
+def test_experiments_compare_with_numbers_and_a_bad_param_costs_no_output(tmp_path):
+    project = make_repo(tmp_path)
+    dvc = str(VENV_BIN / "dvc")
+    run([dvc, "repro", "shard"], project)
+    commit_all(project, "baseline: dvc.lock, metrics and reports are tracked by git")
+    for name, ids in (("four-ids", 4), ("five-ids", 5)):
+        run([dvc, "exp", "run", "-n", name, "-S", f"synth.train_ids={ids}", "shard"], project)
+
+    table = json.loads(run([dvc, "exp", "show", "--json"], project, stdout_only=True))
+    samples = {}
+    for entry in table:  # the baseline commit, then its experiments
+        for exp in [entry, *(e for group in entry.get("experiments") or [] for e in group["revs"])]:
+            metrics = exp["data"]["metrics"]["metrics/shard.json"]["data"]
+            samples[exp.get("name") or exp["rev"]] = metrics["train_samples"]
+    assert set(samples) >= {"four-ids", "five-ids"} and all(isinstance(v, int) for v in samples.values())
+    assert samples["four-ids"] < samples["five-ids"] and len(set(samples.values())) == 3
+    shown = run([dvc, "exp", "show", "--md", "--only-changed"], project, stdout_only=True)
+    assert "train_samples" in shown and "!" not in shown
+    diff = json.loads(run([dvc, "exp", "diff", "four-ids", "five-ids", "--json"], project, stdout_only=True))
+    changed = diff["metrics"]["metrics/shard.json"]["train_samples"]
+    assert (changed["old"], changed["new"]) == (samples["four-ids"], samples["five-ids"])
+
+    manifest = project / "data/shards/manifest.json"
+    before = manifest.read_bytes()
+    for typo in ("+shard.samples_per_shardd=9", "+evaluate.lam=0.5"):  # a misspelt key, an unknown section
+        environ = stage_env(DVC_SITE_CACHE_DIR=str(project / ".dvc-site"))
+        environ["PATH"] = f"{VENV_BIN}:{environ['PATH']}"
+        done = subprocess.run([dvc, "exp", "run", "-S", typo, "shard"], cwd=project, env=environ,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0
+        assert "unknown key" in done.stderr + done.stdout and "Traceback" not in done.stderr + done.stdout
+        assert manifest.read_bytes() == before, f"{typo}: the shard output was touched"
+        run(["git", "checkout", "--", "params.yaml"], project)

@@ -42,7 +42,7 @@ def run(cmd, cwd: Path, **env) -> None:
 
 def test_evaluate_writes_metrics_cmc_embeddings_and_pictures(project):
     run([sys.executable, "stages/evaluate.py"], project)
-    metrics = json.loads((project / "metrics/eval.json").read_text())
+    metrics = json.loads((project / "reports/eval.json").read_text())
     assert set(metrics) >= {"global", "local", "pven", "protocol", "variant"}
     manifest = json.loads((project / "data/shards/manifest.json").read_text())
     n_query = manifest["splits"]["query"]["samples"]
@@ -90,13 +90,13 @@ def test_rerank_switch_rescores_and_still_draws(project):
     params = project / "params.yaml"
     plain = params.read_text()
     run([sys.executable, "stages/evaluate.py"], project)
-    before = json.loads((project / "metrics/eval.json").read_text())
+    before = json.loads((project / "reports/eval.json").read_text())
     try:
         params.write_text(plain.replace("  rerank: false", "  rerank: true", 1))
         run([sys.executable, "stages/evaluate.py"], project)
     finally:
         params.write_text(plain)
-    after = json.loads((project / "metrics/eval.json").read_text())
+    after = json.loads((project / "reports/eval.json").read_text())
     assert after["pven"]["num_queries"] == before["pven"]["num_queries"]
     assert after["pven"]["mAP"] != before["pven"]["mAP"], "k-reciprocal re-ranking changes the ranking"
     # The pictures show the PVEN distance's own ranking (picked and titled by its APs).

@@ -44,13 +44,13 @@ def test_two_ranks_write_the_same_bytes_as_one(tmp_path):
     out = run([sys.executable, "stages/masks.py"], project)
     assert f"skipped train train-000001.tar {bad}" in out
     one = read_manifest(project / "data/masked")
-    metrics_one = json.loads((project / "metrics/masks.json").read_text())
+    metrics_one = json.loads((project / "reports/masks.json").read_text())
 
     set_out_dir(project, "data/masked2")
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), "stages/masks.py"], project)
     two = read_manifest(project / "data/masked2")
-    metrics_two = json.loads((project / "metrics/masks.json").read_text())
+    metrics_two = json.loads((project / "reports/masks.json").read_text())
 
     assert one["splits"] == two["splits"]  # names, counts and sha256 of every shard
     assert one["skipped"] == two["skipped"] and [s["key"] for s in one["skipped"]] == [bad]

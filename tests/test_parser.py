@@ -8,6 +8,7 @@ import torch
 from pipeline.parsing.data import Augment, ParsingDataset, annotated_subset, augment, soft_labels
 from pipeline.parsing.metrics import confusion_matrix, iou_scores
 from pipeline.parsing.model import CheckpointError, build_parser, load_checkpoint, save_checkpoint, to_input
+from pipeline.parsing.report import overlay_sheet
 from pipeline.parsing.train import class_weights, pixel_counts, prior_bias, train_parser
 from pipeline.viz import LABEL_COLOURS
 
@@ -150,3 +151,68 @@ def test_dataset_items_are_reproducible_per_epoch(tmp_path):
     assert torch.equal(ds[0][0], image)
     ds.set_epoch(1)
     assert not torch.equal(ds[0][0], image), "a new epoch draws new augmentations"
+
+
+# ---- the overlay picture (reports/parser_val_overlays.png, reports/masks_overlays.png) ---------
+def _sheet_rows(n: int = 2):
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(n):
+        image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+        labels = np.zeros((40, 60), np.uint8)
+        labels[5:20, 5:55] = 1 + i % 4
+        labels[20:35, 5:55] = 3
+        labels[0:5, 30:60] = 4
+        labels[35:40, 0:30] = 2
+        rows.append((image, [labels, labels if i == 0 else None]))
+    return rows
+
+
+def _dark(band: np.ndarray) -> int:
+    return int((band.astype(int).sum(axis=2) < 200).sum())
+
+
+def test_overlay_sheet_grid_and_named_legend():
+    tile = 64
+    sheet = overlay_sheet(_sheet_rows(), tile=tile)
+    assert sheet.dtype == np.uint8 and sheet.ndim == 3 and sheet.shape[2] == 3
+    tile_w = 96  # 60 x 40 images keep their aspect at 64 px high
+    grid_h = 2 * tile  # + a 2 px white gap under each row
+    assert sheet.shape[1] >= 3 * tile_w
+    # the image itself sits unchanged (resized) in the first column, the overlay in the second
+    assert (sheet[:tile, :tile_w] == np.asarray(_fit_reference(_sheet_rows()[0][0], tile, tile_w))).all()
+    # below the grid: the legend band, as tall as a line of text at least, with every label's colour
+    legend = sheet[grid_h + 2 * 2:]
+    assert (sheet[grid_h + 2:grid_h + 4] == 255).all()
+    assert legend.shape[0] >= 18
+    for colour in LABEL_COLOURS[1:]:
+        assert (legend == colour).all(axis=2).any(), colour
+    # ... and names beside the swatches: dark text pixels, varied (not a flat fill)
+    assert _dark(legend) > 200 and legend.std() > 40
+    # a missing label map is a grey tile saying so (light text on grey)
+    grey = sheet[tile + 2:2 * tile + 2, 2 * (tile_w + 2):2 * (tile_w + 2) + tile_w]
+    assert (grey == 96).all(axis=2).mean() > 0.8 and (grey.astype(int).sum(axis=2) > 500).any()
+
+
+def _fit_reference(image, height, width):
+    from PIL import Image
+    return Image.fromarray(image).resize((width, height), Image.NEAREST)
+
+
+def test_overlay_sheet_column_titles_and_title_add_bands_with_text():
+    rows = _sheet_rows()
+    plain = overlay_sheet(rows, tile=64)
+    named = overlay_sheet(rows, tile=64, columns=["image", "ground truth", "prediction"], title="Parser on val")
+    extra = named.shape[0] - plain.shape[0]
+    assert extra >= 2 * 16 and named.shape[1] == plain.shape[1]
+    assert (named[extra:] == plain).all()  # the bands are on top, the rest is unchanged
+    bands = named[:extra]
+    assert _dark(bands) > 150 and bands.std() > 20
+    # a title over each column: text in the band over each of the three columns
+    column_band = bands[-18:]
+    for c in range(3):
+        assert _dark(column_band[:, c * 98:(c + 1) * 98]) > 20, c
+    with pytest.raises(ValueError, match="2 column titles"):
+        overlay_sheet(rows, columns=["image", "prediction"])
+    with pytest.raises(ValueError, match="no rows"):
+        overlay_sheet([])

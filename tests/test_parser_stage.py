@@ -30,7 +30,7 @@ def test_train_parser_stage_writes_checkpoint_metrics_plots_and_logs(tmp_path):
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    metrics = json.loads((project / "metrics/parser.json").read_text())
+    metrics = json.loads((project / "reports/parser.json").read_text())
     assert set(metrics["val"]["iou"]) == {"background", "front", "back", "side", "top"}
     assert 0.0 <= metrics["val"]["miou"] <= 1.0 and metrics["train_images"] + metrics["val_images"] == 12
     weights = metrics["class_weights"]

@@ -166,7 +166,7 @@ def test_stage_runs_under_torchrun_and_writes_its_outputs(shards, tmp_path):
     env = stage_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
     done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
-    metrics = json.loads((project / "metrics/train.json").read_text())
+    metrics = json.loads((project / "reports/train.json").read_text())
     assert metrics["steps"] == 10 and metrics["world_size"] == 1 and 0 < metrics["val_mAP"] <= 1
     rows = (project / "plots/train_loss.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,loss,id,gtri,ltri,lr" and len(rows) == 11

@@ -124,6 +124,7 @@ def test_corrupt_image_is_skipped_and_listed_or_fatal_when_strict(tmp_path):
     assert manifest["splits"]["train"]["samples"] == 19
     [skipped] = manifest["skipped"]
     assert skipped["key"] == bad.key and skipped["image"] == str(bad.image) and "OSError" in skipped["reason"]
+    assert skipped["reason"].startswith("truncated file")
 
     before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
     with pytest.raises(ShardError, match=f"{bad.image}.*strict"):
@@ -131,6 +132,22 @@ def test_corrupt_image_is_skipped_and_listed_or_fatal_when_strict(tmp_path):
     after = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
     assert after == before, "a failed run must leave the previous output untouched"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_skip_reasons_name_empty_and_garbage_files_and_the_manifest_is_byte_stable(tmp_path):
+    splits = make_records(tmp_path / "raw")
+    empty, garbage = splits["train"][1], splits["train"][2]
+    empty.image.write_bytes(b"")
+    garbage.image.write_bytes(b"not an image at all")
+    one = write_shards(splits, tmp_path / "a", OPTS, seed=0)
+    reasons = {s["key"]: s["reason"] for s in one["skipped"]}
+    assert reasons[empty.key] == "empty file (0 bytes)"
+    assert reasons[garbage.key].startswith("not decodable (UnidentifiedImageError")
+    assert " at 0x" not in reasons[garbage.key]
+    write_shards(splits, tmp_path / "b", OPTS, seed=0)
+    # no timings, no memory addresses: the same inputs give the same manifest bytes
+    assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
+
 
 
 def test_bad_label_is_reported_with_its_path(tmp_path):

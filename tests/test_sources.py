@@ -8,21 +8,27 @@ import pytest
 from PIL import Image
 
 from pipeline.data.sources import (
+    MAX_LISTED,
+    PROBLEM_KINDS,
     DatasetError,
+    Problem,
     read_dataset,
+    read_dataset_checked,
     read_synthetic,
     read_vehicleid,
     read_veri776,
     read_veri776_index,
     read_veriwild,
 )
-from tests.fixtures_datasets import make_vehicleid, make_veri776, make_veriwild
-
-
-def _edit_lines(path: Path, edit) -> None:
-    """Rewrite a list file through ``edit(lines) -> lines``."""
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join(edit(lines)) + "\n")
+from tests.fixtures_datasets import (
+    drop_rows,
+    edit_lines,
+    empty_file,
+    insert_line,
+    make_vehicleid,
+    make_veri776,
+    make_veriwild,
+)
 
 
 def _raises(match_parts: list[str], fn, *args, **kwargs) -> str:
@@ -33,6 +39,17 @@ def _raises(match_parts: list[str], fn, *args, **kwargs) -> str:
     for part in match_parts:
         assert part in message, f"{part!r} not in {message!r}"
     return message
+
+
+def _problems(match_parts: list[str], fn, *args, **kwargs) -> list[Problem]:
+    """Like _raises; return the error's problems (every one also in its message)."""
+    with pytest.raises(DatasetError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    for part in match_parts:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert info.value.problems and all(str(p) in message for p in info.value.problems)
+    return info.value.problems
 
 
 # --------------------------------------------------------------------------- VeRi-776
@@ -82,7 +99,7 @@ def test_veri776_junk_rule_matches_release_index(tmp_path):
 def test_veri776_index_out_of_range(tmp_path):
     tree = make_veri776(tmp_path)
     n_gallery = len(tree.records["gallery"])
-    _edit_lines(tmp_path / "jk_index.txt", lambda ls: [ls[0], f"1 {n_gallery + 1}"] + ls[2:])
+    edit_lines(tmp_path / "jk_index.txt", lambda ls: [ls[0], f"1 {n_gallery + 1}"] + ls[2:])
     _raises(["jk_index.txt:2", repr(str(n_gallery + 1)), f"1..{n_gallery}"],
             read_veri776_index, tmp_path)
 
@@ -126,7 +143,7 @@ def test_synthetic_views_errors(tmp_path):
 ])
 def test_veri776_malformed_line(tmp_path, bad, expect):
     make_veri776(tmp_path)
-    _edit_lines(tmp_path / "name_train.txt", lambda ls: ls[:2] + [bad] + ls[2:])
+    edit_lines(tmp_path / "name_train.txt", lambda ls: ls[:2] + [bad] + ls[2:])
     _raises(["name_train.txt:3", expect] + ([repr(bad)] if bad else []), read_veri776, tmp_path)
 
 
@@ -146,7 +163,7 @@ def test_veri776_missing_image(tmp_path):
 
 def test_veri776_duplicate_key(tmp_path):
     make_veri776(tmp_path)
-    _edit_lines(tmp_path / "name_query.txt", lambda ls: ls + [ls[1]])
+    edit_lines(tmp_path / "name_query.txt", lambda ls: ls + [ls[1]])
     n = len((tmp_path / "name_query.txt").read_text().splitlines())
     _raises([f"name_query.txt:{n}", "duplicate key", "line 2"], read_veri776, tmp_path)
 
@@ -188,18 +205,18 @@ def test_vehicleid_records_match_layout(tmp_path):
 ])
 def test_vehicleid_malformed_line(tmp_path, bad, expect):
     make_vehicleid(tmp_path)
-    _edit_lines(tmp_path / "train_test_split" / "test_list_800.txt", lambda ls: [bad] + ls)
+    edit_lines(tmp_path / "train_test_split" / "test_list_800.txt", lambda ls: [bad] + ls)
     _raises(["test_list_800.txt:1", repr(bad), expect], read_vehicleid, tmp_path, "800")
 
 
 def test_vehicleid_missing_image_and_duplicate(tmp_path):
     tree = make_vehicleid(tmp_path)
     path = tmp_path / "train_test_split" / "train_list.txt"
-    _edit_lines(path, lambda ls: ls + [ls[0]])
+    edit_lines(path, lambda ls: ls + [ls[0]])
     n = len(path.read_text().splitlines())
     _raises([f"train_list.txt:{n}", "duplicate key", repr(tree.records["train"][0].key)],
             read_vehicleid, tmp_path, "800")
-    _edit_lines(path, lambda ls: ls[:-1])
+    edit_lines(path, lambda ls: ls[:-1])
     tree.records["train"][1].image.unlink()
     _raises(["train_list.txt:2", "does not exist"], read_vehicleid, tmp_path, "800")
 
@@ -242,7 +259,7 @@ def test_veriwild_records_match_layout(tmp_path):
 def test_veriwild_bad_header(tmp_path):
     make_veriwild(tmp_path)
     info = tmp_path / "train_test_split" / "vehicle_info.txt"
-    _edit_lines(info, lambda ls: ["id/image;Camera;Time;Model;Type;Color"] + ls[1:])
+    edit_lines(info, lambda ls: ["id/image;Camera;Time;Model;Type;Color"] + ls[1:])
     _raises(["vehicle_info.txt:1", "'id/image;Camera;Time;Model;Type;Color'",
              "'id/image;Camera ID;Time;Model;Type;Color'"], read_veriwild, tmp_path, "small")
 
@@ -251,7 +268,7 @@ def test_veriwild_image_missing_from_vehicle_info(tmp_path):
     tree = make_veriwild(tmp_path)
     gone = tree.records["gallery"][2].key.replace("_", "/")
     info = tmp_path / "train_test_split" / "vehicle_info.txt"
-    _edit_lines(info, lambda ls: [line for line in ls if not line.startswith(gone + ";")])
+    edit_lines(info, lambda ls: [line for line in ls if not line.startswith(gone + ";")])
     _raises(["test_3000.txt:3", repr(gone), "vehicle_info.txt"], read_veriwild, tmp_path, "small")
 
 
@@ -259,14 +276,14 @@ def test_veriwild_bad_camera_in_vehicle_info(tmp_path):
     tree = make_veriwild(tmp_path)
     entry = tree.records["train"][0].key.replace("_", "/")
     info = tmp_path / "train_test_split" / "vehicle_info.txt"
-    _edit_lines(info, lambda ls: [ls[0], f"{entry};cam7;t;m;t;c"] + ls[2:])
+    edit_lines(info, lambda ls: [ls[0], f"{entry};cam7;t;m;t;c"] + ls[2:])
     _raises(["vehicle_info.txt:2", "cam7", "integer camera id"], read_veriwild, tmp_path, "small")
 
 
 @pytest.mark.parametrize("bad", ["00001_000001", "00001/000001.jpg", "1/2/3"])
 def test_veriwild_malformed_line(tmp_path, bad):
     make_veriwild(tmp_path)
-    _edit_lines(tmp_path / "train_test_split" / "test_3000_query.txt", lambda ls: ls[:1] + [bad])
+    edit_lines(tmp_path / "train_test_split" / "test_3000_query.txt", lambda ls: ls[:1] + [bad])
     _raises(["test_3000_query.txt:2", repr(bad), "'<vid>/<imgid>'"], read_veriwild,
             tmp_path, "small")
 
@@ -276,3 +293,198 @@ def test_veriwild_missing_image(tmp_path):
     tree.records["query"][1].image.unlink()
     _raises(["test_3000_query.txt:2", str(tree.records["query"][1].image), "does not exist"],
             read_veriwild, tmp_path, "small")
+
+
+# --------------------------------------------------------------------------- collecting problems
+
+def _problem_rows(problems: list[Problem]) -> list[tuple[str, str, int | None]]:
+    return [(p.kind, Path(p.file).name, p.line) for p in problems]
+
+
+def _veri776_with_faults(root: Path):
+    """2 missing images, 1 zero-byte image, 1 malformed list line -> (tree, dropped, expected rows)."""
+    tree = make_veri776(root)
+    train, gallery = tree.records["train"], tree.records["gallery"]
+    dropped = [train[1], train[3], gallery[4]]
+    train[1].image.unlink()
+    empty_file(train[3].image)
+    gallery[4].image.unlink()
+    insert_line(root / "name_query.txt", 2, "vehicle_0002.jpg")
+    expected = [("missing_image", "name_train.txt", 2), ("empty_image", "name_train.txt", 4),
+                ("malformed_line", "name_query.txt", 2), ("missing_image", "name_test.txt", 5)]
+    return tree, dropped, expected
+
+
+def test_veri776_reports_every_problem_at_once(tmp_path):
+    tree, dropped, expected = _veri776_with_faults(tmp_path)
+    with pytest.raises(DatasetError) as info:
+        read_dataset("veri776", tmp_path)
+    error = info.value
+    head, *lines = str(error).splitlines()
+    assert head == f"{tmp_path}: 4 problems in 3 files: 2 missing_image, 1 empty_image, 1 malformed_line"
+    assert _problem_rows(error.problems) == expected
+    assert lines == [str(p) for p in error.problems]
+    for (_, file, line), text in zip(expected, lines):
+        assert text.startswith(f"{tmp_path / file}:{line}: ")
+    missing_train, empty, malformed, missing_gallery = error.problems
+    assert str(dropped[0].image) in missing_train.message and "does not exist" in missing_train.message
+    assert str(dropped[1].image) in empty.message and "0 bytes" in empty.message
+    assert "'vehicle_0002.jpg'" in malformed.message and "expected a JPEG file name" in malformed.message
+    assert str(dropped[2].image) in missing_gallery.message
+    # the entries that were dropped are named for the manifest
+    assert [(p.split, p.key, p.image) for p in (missing_train, empty, missing_gallery)] == [
+        (r.split, r.key, str(r.image)) for r in dropped]
+    assert (malformed.split, malformed.key, malformed.image) == ("query", None, None)
+    # the same through the per-dataset reader
+    assert _problem_rows(_problems(["4 problems"], read_veri776, tmp_path)) == expected
+
+
+def test_veri776_skip_drops_exactly_the_bad_entries(tmp_path):
+    tree, dropped, expected = _veri776_with_faults(tmp_path)
+    got, problems = read_dataset_checked("veri776", tmp_path, on_error="skip")
+    want = {split: [r for r in records if r not in dropped] for split, records in tree.records.items()}
+    assert got == want
+    assert sum(map(len, tree.records.values())) - sum(map(len, got.values())) == 3
+    assert _problem_rows(problems) == expected
+    assert read_dataset("veri776", tmp_path, on_error="skip") == want
+
+
+@pytest.mark.parametrize("source, subset, builder", [
+    ("veri776", None, make_veri776),
+    ("synthetic", None, lambda root: make_veri776(root, views=True)),
+    ("vehicleid", "1600", make_vehicleid),  # records["test"] is the largest subset's
+    ("veriwild", "small", make_veriwild),
+])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_clean_dataset_has_no_problems(tmp_path, source, subset, builder, on_error):
+    tree = builder(tmp_path)
+    got, problems = read_dataset_checked(source, tmp_path, subset, on_error=on_error)
+    assert problems == []
+    assert list(got) == (["train", "test"] if source == "vehicleid" else ["train", "query", "gallery"])
+    for split, records in got.items():
+        assert records == tree.records[split]
+        assert [r.meta for r in records] == [r.meta for r in tree.records[split]]
+
+
+def test_on_error_must_be_known(tmp_path):
+    make_veri776(tmp_path)
+    for call in (read_dataset, read_dataset_checked):
+        with pytest.raises(ValueError, match="on_error") as info:
+            call("veri776", tmp_path, on_error="ignore")
+        assert not isinstance(info.value, DatasetError)
+        assert all(part in str(info.value) for part in ("'ignore'", "'raise'", "'skip'"))
+
+
+def test_structural_problems_raise_even_when_skipping(tmp_path):
+    make_veri776(tmp_path)
+    (tmp_path / "name_query.txt").unlink()
+    (tmp_path / "name_test.txt").unlink()
+    problems = _problems(["2 problems in 2 files: 2 missing_file", "name_query.txt", "name_test.txt"],
+                       read_dataset_checked, "veri776", tmp_path, on_error="skip")
+    assert [(p.kind, p.line) for p in problems] == [("missing_file", None)] * 2
+    missing_root = tmp_path / "nope"
+    assert _problem_rows(_problems([str(missing_root)], read_dataset, "veri776", missing_root,
+                                 on_error="skip")) == [("missing_file", "nope", None)]
+
+
+def test_listed_problems_are_capped(tmp_path):
+    make_veri776(tmp_path)
+    n = MAX_LISTED + 10
+    edit_lines(tmp_path / "name_train.txt", lambda ls: ls + [f"bad_{i}.jpg" for i in range(n)])
+    with pytest.raises(DatasetError) as info:
+        read_veri776(tmp_path)
+    head, *lines = str(info.value).splitlines()
+    assert head.endswith(f": {n} problems in 1 file: {n} malformed_line")
+    assert len(lines) == MAX_LISTED + 1 and lines[-1] == "... and 10 more"
+    assert len(info.value.problems) == n  # the exception carries them all
+
+
+def test_problem_text_and_kinds():
+    assert str(Problem("missing_image", "a/name_test.txt", 5, "image x does not exist")) == (
+        "a/name_test.txt:5: image x does not exist")
+    assert str(Problem("missing_file", "a/views.csv", None, "views file not found")) == (
+        "a/views.csv: views file not found")
+    assert {"malformed_line", "missing_image", "empty_image", "missing_camera", "missing_view",
+            "duplicate", "conflict", "missing_file", "bad_header"} == set(PROBLEM_KINDS)
+    with pytest.raises(ValueError, match="'typo'"):
+        Problem("typo", "f", 1, "m")
+
+
+def test_synthetic_views_problems_are_collected(tmp_path):
+    tree = make_veri776(tmp_path, views=True)
+    views = tmp_path / "views.csv"
+    rows = views.read_text().splitlines()  # rows[i] is line i + 1; rows[1..] follow train order
+    train = tree.records["train"]
+    assert [row.split(",")[1] for row in rows[1:5]] == [r.image.name for r in train[:4]]
+    folder, name, vid, camera, _, elevation = rows[2].split(",")
+    rows[2] = ",".join([folder, name, "77", camera, "0.0", elevation])  # train[1]: vid disagrees
+    folder, name, vid, camera, _, elevation = rows[3].split(",")
+    rows[3] = ",".join([folder, name, vid, camera, "nan", elevation])  # train[2]: not finite
+    rows.append(rows[4])  # train[3]: a second row
+    del rows[1]  # train[0]: no row (shifts the lines above by one)
+    views.write_text("\n".join(rows) + "\n")
+    n = len(rows)
+    got, problems = read_dataset_checked("synthetic", tmp_path, on_error="skip")
+    assert _problem_rows(problems) == [("missing_view", "name_train.txt", 1), ("conflict", "views.csv", 2),
+                                       ("malformed_line", "views.csv", 3), ("duplicate", "views.csv", n)]
+    assert [p.key for p in problems] == [r.key for r in train[:4]]
+    assert got["train"] == train[4:] and got["query"] == tree.records["query"]
+    assert "line 4" in problems[3].message and "vid/camera 77/" in problems[1].message
+    _raises(["4 problems in 2 files", "1 conflict, 1 duplicate, 1 malformed_line, 1 missing_view"],
+            read_synthetic, tmp_path)
+
+
+def test_vehicleid_collects_malformed_lines_and_missing_images(tmp_path):
+    tree = make_vehicleid(tmp_path)
+    test_list = tmp_path / "train_test_split" / "test_list_800.txt"
+    insert_line(test_list, 1, "0000001")
+    insert_line(test_list, 3, "0000001.jpg 12")
+    tree.records["train"][2].image.unlink()
+    problems = _problems(["3 problems in 2 files: 2 malformed_line, 1 missing_image",
+                        "test_list_800.txt:1: got '0000001'", "test_list_800.txt:3: got '0000001.jpg 12'",
+                        "train_list.txt:3: image"], read_vehicleid, tmp_path, "800")
+    assert _problem_rows(problems) == [("missing_image", "train_list.txt", 3),
+                                       ("malformed_line", "test_list_800.txt", 1),
+                                       ("malformed_line", "test_list_800.txt", 3)]
+    got, skipped = read_dataset_checked("vehicleid", tmp_path, "800", on_error="skip")
+    assert skipped == problems
+    assert got["train"] == [r for i, r in enumerate(tree.records["train"]) if i != 2]
+    assert got["test"] == tree.records["test_800"]
+
+
+def test_veriwild_collects_camera_and_line_problems(tmp_path):
+    tree = make_veriwild(tmp_path)
+    lists = tmp_path / "train_test_split"
+    gone = tree.records["gallery"][2]
+    assert drop_rows(lists / "vehicle_info.txt", gone.key.replace("_", "/") + ";") == 1
+    insert_line(lists / "test_3000_query.txt", 2, "00004_000010.jpg")
+    problems = _problems(["2 problems in 2 files: 1 malformed_line, 1 missing_camera",
+                        "test_3000_query.txt:2: got '00004_000010.jpg'",
+                        f"test_3000.txt:3: image {gone.key.replace('_', '/')!r} has no row in"],
+                       read_veriwild, tmp_path, "small")
+    assert _problem_rows(problems) == [("malformed_line", "test_3000_query.txt", 2),
+                                       ("missing_camera", "test_3000.txt", 3)]
+    assert (problems[1].split, problems[1].key, problems[1].image) == ("gallery", gone.key, str(gone.image))
+    got, skipped = read_dataset_checked("veriwild", tmp_path, "small", on_error="skip")
+    assert skipped == problems
+    assert got["train"] == tree.records["train"] and got["query"] == tree.records["query"]
+    assert got["gallery"] == [r for r in tree.records["gallery"] if r != gone]
+
+
+def test_veriwild_entry_checks_are_independent(tmp_path):
+    """An image both missing and without a camera gets both problems; a camera conflict drops it."""
+    tree = make_veriwild(tmp_path)
+    info = tmp_path / "train_test_split" / "vehicle_info.txt"
+    both, conflicted = tree.records["train"][1], tree.records["train"][4]
+    both.image.unlink()
+    drop_rows(info, both.key.replace("_", "/") + ";")
+    entry = conflicted.key.replace("_", "/")
+    edit_lines(info, lambda ls: ls + [f"{entry};{conflicted.camera + 1};t;m;t;c"])
+    n = len(info.read_text().splitlines())
+    got, problems = read_dataset_checked("veriwild", tmp_path, "small", on_error="skip")
+    assert _problem_rows(problems) == [("missing_image", "train_list.txt", 2),
+                                       ("missing_camera", "train_list.txt", 2),
+                                       ("conflict", "vehicle_info.txt", n)]
+    assert [p.key for p in problems] == [both.key, both.key, conflicted.key]
+    assert f"disagrees with camera {conflicted.camera}" in problems[2].message
+    assert got["train"] == [r for r in tree.records["train"] if r not in (both, conflicted)]

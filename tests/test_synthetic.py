@@ -323,6 +323,17 @@ def test_contact_sheet_is_a_png_with_overlays(dataset, tmp_path):
     # the legend swatches are drawn in the exact label colours
     for colour in LABEL_COLOURS[1:]:
         assert (sheet == colour).all(axis=2).any()
+    # A title band heads the sheet (text above the first image) and the legend at the bottom
+    # names each colour (text beside the swatches, below the last image).
+    ink = sheet.astype(int).sum(axis=2) < 200
+    image_rows = np.nonzero((sheet.astype(int).std(axis=2) > 12).sum(axis=1) > TINY.image_size)[0]
+    top, bottom = image_rows.min() - 16, image_rows.max() + 1  # 16: the first row's captions
+    assert top >= 30 and sheet.shape[0] - bottom >= 18
+    title, legend = sheet[:top], sheet[bottom:]
+    assert ink[:top].sum() > 300 and title.std() > 20
+    assert ink[bottom:].sum() > 150 and legend.std() > 30
+    for colour in LABEL_COLOURS[1:]:
+        assert (legend == colour).all(axis=2).sum() > 50, colour
     assert not list(out.parent.glob(".*tmp*"))
     with pytest.raises(FileNotFoundError, match="name_test.txt"):
         write_contact_sheet(tmp_path / "missing", out)

@@ -32,7 +32,7 @@ def test_stage_run_logs_params_tags_metrics_and_rank_gating(tmp_path, monkeypatc
     client = MlflowClient(uri)
     [exp] = [e for e in client.search_experiments() if e.name == "pven"]
     [logged] = client.search_runs([exp.experiment_id])
-    assert logged.info.run_name == "synth" and logged.info.status == "FINISHED"
+    assert logged.info.run_name == "synth [exp-abc]" and logged.info.status == "FINISHED"
     assert logged.data.tags["stage"] == "synth"
     assert logged.data.tags["params_hash"] == tiny_params.digest("seed", "synth")
     assert logged.data.tags["dvc_experiment"] == "exp-abc"
@@ -52,7 +52,65 @@ def test_failed_stage_ends_its_run_failed(tmp_path, monkeypatch, tiny_params):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [logged] = client.search_runs([client.get_experiment_by_name("pven").experiment_id])
-    assert logged.info.status == "FAILED"
+    assert logged.info.status == "FAILED" and logged.data.tags["error"] == "RuntimeError: boom"
+
+
+KILLABLE = """
+import sys, time
+from pipeline import tracking
+from pipeline.config import load_params
+params = load_params(sys.argv[1])
+with tracking.stage_run("train_reid", params, ["reid"], rank=0):
+    print("running", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_stage_killed_by_sigterm_ends_its_run_killed(tmp_path):
+    import signal
+
+    from tests.conftest import ROOT
+    script = tmp_path / "stage.py"
+    script.write_text(KILLABLE)
+    env = stage_env(DVC_ROOT=str(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.Popen([sys.executable, str(script), str(ROOT / "params.yaml")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [logged] = client.search_runs([client.get_experiment_by_name("pven").experiment_id])
+    assert logged.info.status == "KILLED" and logged.data.tags["error"] == "killed by signal SIGTERM"
+
+
+def test_run_names_and_tags_tell_experiments_and_dirty_trees_apart(tmp_path, monkeypatch, tiny_params):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    for cmd in (["init", "-q"], ["config", "user.email", "ci@example.invalid"], ["config", "user.name", "ci"]):
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    subprocess.run(["git", "add", "params.yaml"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    with tracking.stage_run("synth", tiny_params, ["seed"], rank=0):
+        pass
+    (tmp_path / "params.yaml").write_text("seed: 1\n")   # an uncommitted change, as `dvc exp run -S` makes
+    monkeypatch.setenv("DVC_EXP_NAME", "seed-one")
+    with tracking.stage_run("synth", tiny_params, ["seed"], rank=0):
+        pass
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("pven")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs in MLflow 3
+    runs = {r.info.run_name: r.data.tags for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"synth", "synth [seed-one]"}
+    assert runs["synth"]["git_dirty"] == "false" and runs["synth [seed-one]"]["git_dirty"] == "true"
+    assert runs["synth"]["git_commit"] == runs["synth [seed-one]"]["git_commit"] != "unknown"
 
 
 def test_project_root_prefers_dvc_root_then_walks_up_to_dvc_yaml(tmp_path, monkeypatch):

@@ -28,9 +28,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tarfile
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import atomic
+from pipeline.cli import InputError
 from pipeline.constants import NUM_LABELS
 from pipeline.data.records import SPLITS, Record
 from pipeline.dist.env import DistInfo
@@ -51,12 +52,30 @@ from pipeline.progress import progress
 MANIFEST = "manifest.json"
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError):
     """An input that cannot be sharded (raised for corrupt images in strict mode)."""
 
 
-class ShardReadError(RuntimeError):
+class ShardReadError(InputError):
     """A shard that is not a readable tar (single bad images are skipped; a broken shard is fatal)."""
+
+
+class EmptyFileError(ValueError):
+    """An input file of 0 bytes."""
+
+
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def decode_failure(exc: BaseException) -> str:
+    """Why an input did not decode, as a stable sentence (it goes into manifests, which must be
+    byte-reproducible): no memory addresses; empty and truncated files named as such."""
+    if isinstance(exc, EmptyFileError):
+        return str(exc)
+    text = _ADDRESS.sub("the data", str(exc))
+    low = text.lower()
+    kind = "truncated file" if "truncated" in low or "broken data stream" in low else "not decodable"
+    return f"{kind} ({type(exc).__name__}: {text})"
 
 
 @dataclass(frozen=True)
@@ -79,21 +98,24 @@ class ShardOptions:
 # --------------------------------------------------------------------------- writing
 
 def write_shards(splits: dict[str, list[Record]], out_dir: Path, opts: ShardOptions,
-                 seed: int, workers: int = 1, extra: dict | None = None, show_progress: bool = False) -> dict:
+                 seed: int, workers: int = 1, extra: dict | None = None, show_progress: bool = False,
+                 skipped: list[dict] | None = None) -> dict:
     """Shard every split into ``out_dir`` and return the manifest (also written there).
 
     The training split is shuffled with ``seed`` before it is cut into shards, so each
     shard holds a mix of identities; other splits keep their list order. The folder is
     built under a temporary name and swapped in at the end: an interrupted run leaves
     the previous output (or nothing), never a partial shard. ``show_progress`` reports
-    the shards written so far (:mod:`pipeline.progress`).
+    the shards written so far (:mod:`pipeline.progress`). ``skipped`` lists entries the
+    dataset reader already left out (``{"split", "key", "image", "reason"}``); they head the
+    manifest's ``skipped``, before the images that did not decode.
     """
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    started = time.time()
-    manifest: dict[str, Any] = {"format": 1, "options": _options_dict(opts), "splits": {}, "skipped": []}
+    manifest: dict[str, Any] = {"format": 1, "options": _options_dict(opts), "splits": {},
+                                "skipped": list(skipped or [])}
     manifest.update(extra or {})
     jobs = []  # (split, records of one shard, shard path), every split's shards in one pool
     for split in SPLITS:
@@ -129,18 +151,16 @@ def write_shards(splits: dict[str, list[Record]], out_dir: Path, opts: ShardOpti
             "shards": [info for info, _, _ in mine],
         }
         manifest["skipped"] += [bad for _, _, bad_list in mine for bad in bad_list]
-    manifest["seconds"] = round(time.time() - started, 2)
     atomic.write_json(staging / MANIFEST, manifest)
     atomic.swap_dir(staging, out_dir)
     return manifest
 
 
 def shard_metrics(manifest: dict) -> dict:
-    """metrics/shard.json: per split its counts and number of shards, inputs skipped, seconds."""
+    """The split counts of a manifest: per split its samples, identities, cameras, labels and shards."""
     metrics = {split: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
                for split, info in manifest["splits"].items()}
     metrics["skipped"] = len(manifest["skipped"])
-    metrics["seconds"] = manifest["seconds"]
     return metrics
 
 
@@ -183,7 +203,7 @@ def _write_one_shard(records: list[Record], path: Path, opts: ShardOptions):
             try:
                 sample = encode_sample(rec, opts)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = decode_failure(exc)
                 if opts.strict:
                     raise ShardError(f"{rec.split} image {rec.image}: {reason} (shard.strict is on)") from exc
                 skipped.append({"split": rec.split, "key": rec.key, "image": str(rec.image), "reason": reason})
@@ -201,6 +221,8 @@ def encode_sample(rec: Record, opts: ShardOptions) -> dict[str, Any]:
     Raises OSError/ValueError for an image or label that cannot be decoded or does not fit.
     """
     raw = rec.image.read_bytes()
+    if not raw:
+        raise EmptyFileError("empty file (0 bytes)")
     with Image.open(io.BytesIO(raw)) as im:
         im.load()  # forces a full decode: truncated or corrupt files fail here, not in training
         image = im.convert("RGB")

@@ -38,9 +38,13 @@ LATEST = "latest.json"
 
 
 def torch_save_atomic(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    with atomic.replacing(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    Saved through an open file object: torch then names the zip records ``archive/``
+    instead of after the (random) temporary file name, so equal content gives equal bytes.
+    """
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return Path(path)
 
 

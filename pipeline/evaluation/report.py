@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.charts import line_chart
 from pipeline.config import EvalConfig
 from pipeline.viz import ranked_grid
 
@@ -129,7 +130,9 @@ def ranked_pictures(sets: dict[str, tuple[FeatureSet, list[str]]], scores: Score
                  "ranked": [(*g_img[g_keys[j]], ok, w, d) for j, ok, w, d in
                             zip(r["gallery"], r["correct"], r["weights"], r["distance"])]}
                 for r in ranked]
-        pictures[name] = ranked_grid(rows)
+        which = "first queries" if name == "first" else "queries with the lowest AP"
+        pictures[name] = ranked_grid(rows, title=f"Top 10 of the {len(rows)} {which}, ranked by {scores.spec.variant} "
+                                                 f"PVEN distance (lambda {scores.spec.lam_value:g})")
     return pictures
 
 
@@ -137,3 +140,9 @@ def cmc_rows(curves: dict[str, np.ndarray], max_rank: int = 50) -> list[dict]:
     """{"pven": cmc, ...} -> rows ``{"rank": k, "pven": ..., ...}`` for plots/cmc.csv."""
     n = min(max_rank, *(len(c) for c in curves.values()))
     return [{"rank": k + 1, **{mode: float(c[k]) for mode, c in curves.items()}} for k in range(n)]
+
+
+def cmc_chart(cmc: list[dict]) -> Any:
+    """The CMC curves of the three modes as a PIL image (docs: reports/cmc.png)."""
+    return line_chart(cmc, "rank", list(MODES), title="CMC: global (D_g), local (D_l) and PVEN distance",
+                      x_label="rank", y_label="matching rate")

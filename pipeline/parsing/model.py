@@ -26,14 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import atomic
+from pipeline.cli import InputError
 from pipeline.constants import NUM_LABELS
 from pipeline.data.transforms import normalize_images
+from pipeline.dist.checkpoint import torch_save_atomic
 
 CHECKPOINT = "parser.pt"  # file name inside parser.out_dir
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A parser checkpoint or encoder weight file that cannot be used."""
 
 
@@ -107,9 +108,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict[str, 
         if key not in config:
             raise ValueError(f"checkpoint config lacks {key!r} (has {sorted(config)})")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic.replacing(path) as tmp:
-        torch.save({"state_dict": state, "config": dict(config), "meta": dict(meta or {})}, tmp)
-    return Path(path)
+    return torch_save_atomic({"state_dict": state, "config": dict(config), "meta": dict(meta or {})}, path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):

@@ -33,7 +33,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import atomic
-from pipeline.data.shards import MANIFEST, decode_image, decode_mask, index_tar, read_manifest, read_members, write_tar
+from pipeline.data.shards import (
+    MANIFEST,
+    decode_failure,
+    decode_image,
+    decode_mask,
+    index_tar,
+    read_manifest,
+    read_members,
+    write_tar,
+)
 from pipeline.data.transforms import resize_image, resize_labels
 from pipeline.dist.env import SINGLE, DistInfo, all_gather, barrier
 from pipeline.parsing.metrics import MaskStats, confusion_matrix
@@ -104,7 +113,7 @@ class _ShardItems(torch.utils.data.Dataset):
             if "mask.png" in raw:
                 out["truth"] = decode_mask(raw["mask.png"])
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            out["error"] = f"{type(exc).__name__}: {exc}"
+            out["error"] = decode_failure(exc)
         return out
 
 

@@ -28,13 +28,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from pipeline.cli import InputError
 from pipeline.constants import NUM_PARTS
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 MODEL_FILE = "model.pt"  # file name inside reid.out_dir (see model_payload)
 
 
-class PretrainedError(ValueError):
+class PretrainedError(InputError):
     """A pretrained weights file that is missing or does not fit the backbone."""
 
 

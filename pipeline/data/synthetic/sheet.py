@@ -10,20 +10,14 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from pipeline import atomic
-from pipeline.constants import VIEW_NAMES
-from pipeline.viz import LABEL_COLOURS, overlay_labels
+from pipeline.viz import LABEL_COLOURS, draw_text, label_legend, overlay_labels, stack, text_size, title_band
+
+__all__ = ["LABEL_COLOURS", "overlay_labels", "write_contact_sheet"]  # re-exported by the package
 
 _NAME = re.compile(r"(\d+)_c(\d\d\d)")
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: bitmap font only
-        return ImageFont.load_default()
 
 
 def _views(root: Path) -> dict[tuple[str, str], tuple[float, float]]:
@@ -40,8 +34,9 @@ def write_contact_sheet(root: Path, out_png: Path, n_ids: int = 6, n_cams: int =
 
     Uses the test split (every test image has a label). Rows are the ``n_ids`` test
     identities seen by most cameras; each cell shows the image and, beside it, the
-    image with its label overlay, captioned with camera and azimuth/elevation. A
-    legend of the label colours runs along the bottom. Written atomically.
+    image with its label overlay, captioned with camera and azimuth/elevation. A title
+    and a note on how to read a cell head the sheet; a legend of the label colours with
+    their names runs along the bottom. Written atomically.
     """
     root, out_png = Path(root), Path(out_png)
     if n_ids < 1 or n_cams < 1:
@@ -67,18 +62,24 @@ def write_contact_sheet(root: Path, out_png: Path, n_ids: int = 6, n_cams: int =
 
     first = Image.open(folder / by_id[ids[0]][min(by_id[ids[0]])])
     cell = min(first.size[0], 192)
-    pad, head, left = 4, 14, 44
+    size = 13
+    pad, head = 4, text_size("Ag", size)[1] + 2
+    left = text_size("0000", size)[0] + 12
     cols = min(n_cams, max(len(by_id[v]) for v in ids))
-    cell_w = 2 * cell + pad
+
+    def caption(vid: int, cam: int) -> str:
+        az_el = views.get(("image_test", by_id[vid][cam]))
+        return f"c{cam:03d}" + (f"  az {az_el[0]:.0f}\u00b0  el {az_el[1]:.0f}\u00b0" if az_el else "")
+
+    widest = max(text_size(caption(v, cam), size)[0] for v in ids for cam in sorted(by_id[v])[:cols])
+    cell_w = max(2 * cell + pad, widest + 2 * pad)  # captions never run into the next cell
     width = left + cols * (cell_w + 2 * pad)
-    legend_h = 24
-    height = len(ids) * (cell + head + pad) + legend_h + pad
+    height = len(ids) * (cell + head + pad) + pad
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    font = _font(11)
     for r, vid in enumerate(ids):
         y = r * (cell + head + pad)
-        draw.text((4, y + head + cell // 2 - 6), f"{vid:04d}", fill=(0, 0, 0), font=font)
+        draw_text(sheet, (4, y + head + cell // 2 - head // 2), f"{vid:04d}", size)
         for c, cam in enumerate(sorted(by_id[vid])[:cols]):
             name = by_id[vid][cam]
             image = Image.open(folder / name).convert("RGB").resize((cell, cell), Image.BILINEAR)
@@ -90,16 +91,15 @@ def write_contact_sheet(root: Path, out_png: Path, n_ids: int = 6, n_cams: int =
                 over = overlay_labels(np.asarray(image), np.asarray(labels), alpha=0.55)
                 sheet.paste(Image.fromarray(over), (x + cell + pad, y + head))
             else:
-                draw.text((x + cell + pad + 4, y + head + 4), "no label", fill=(120, 0, 0), font=font)
-            az_el = views.get(("image_test", name))
-            caption = f"c{cam:03d}" + (f" az {az_el[0]:.0f} el {az_el[1]:.0f}" if az_el else "")
-            draw.text((x, y + 1), caption, fill=(60, 60, 60), font=font)
-    y = height - legend_h
-    x = 4
-    for value in range(1, len(LABEL_COLOURS)):
-        draw.rectangle([x, y + 5, x + 14, y + 19], fill=tuple(int(v) for v in LABEL_COLOURS[value]),
-                       outline=(0, 0, 0))
-        draw.text((x + 18, y + 6), f"{value} {VIEW_NAMES[value]}", fill=(0, 0, 0), font=font)
-        x += 90
+                draw.rectangle([x + cell + pad, y + head, x + 2 * cell + pad - 1, y + head + cell - 1],
+                               fill=(235, 235, 235))
+                draw_text(sheet, (x + cell + pad + 4, y + head + 4), "no label", size, fill=(120, 0, 0))
+            draw_text(sheet, (x, y + 1), caption(vid, cam), size, fill=(60, 60, 60))
+    header = title_band(width, [
+        f"Synthetic dataset {root.name}: test split, {len(ids)} identities (rows), up to {cols} cameras each",
+        "Row label: vehicle id. Each cell: the rendered image | the same image with its view labels overlaid.",
+        "Caption: camera; az / el = the camera's azimuth / elevation around the vehicle (degrees).",
+    ])
+    picture = stack([header, sheet, label_legend(width, size=size)])
     with atomic.replacing(out_png) as tmp:
-        sheet.save(tmp, "PNG")
+        picture.save(tmp, "PNG")
