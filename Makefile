@@ -36,5 +36,7 @@ test: setup
 lint: setup
 	ruff check .
 
+# Removes what DVC caches (data, models, embeddings) and the resumable checkpoints; metrics/,
+# reports/, plots/ and dvc.lock are tracked by git (`git checkout -- metrics reports plots dvc.lock`).
 clean-outputs:
-	rm -rf data/synthetic data/shards metrics reports dvc.lock
+	rm -rf data models embeddings checkpoints
