@@ -45,8 +45,8 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
             if not info.is_main:
                 return None
             metrics = {**result.summary, "world_size": info.world_size, "backend": cfg.backend,
-                       "num_classes": result.num_classes, "resumed_from": result.resumed_from,
-                       "history": result.history}
+                       "num_classes": result.num_classes, "history": result.history}
+            run.set_tags({"resumed_from": result.resumed_from})  # how this run went, not what it made
             atomic.write_json(root / REPORT, without_timings(metrics))
             atomic.write_json(root / METRICS, headline(metrics, HEADLINE))
             atomic.write_csv(root / LOSS_CSV, result.steps, list(STEP_COLUMNS))
