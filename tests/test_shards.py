@@ -198,3 +198,18 @@ def test_train_stream_fixed_batches_reproducible_per_seed_epoch_rank(tmp_path):
     assert keys(1) != first and keys(0, rank=1) != first
     assert len(keys(0, workers=2)) == 7
     assert keys(0, workers=2) == keys(0, workers=2)
+
+
+def test_palette_label_is_read_by_index_not_by_colour(tmp_path):
+    splits = make_records(tmp_path / "raw")
+    label = splits["gallery"][0].label
+    labels = np.zeros((32, 40), np.uint8)
+    labels[4:12, 5:30], labels[14:20, 5:30], labels[22:30, 5:30] = 1, 3, 4
+    coloured = Image.fromarray(labels, "P")
+    coloured.putpalette([0, 0, 0, 230, 40, 60, 40, 190, 80, 30, 120, 230, 250, 210, 30] + [0] * (256 - 5) * 3)
+    coloured.save(label)  # how annotation tools often save: class index + display colour
+    manifest = write_shards(splits, tmp_path / "s", OPTS, seed=0)
+    assert manifest["skipped"] == []
+    key = splits["gallery"][0].key
+    sample = next(s for s in eval_pipeline(shard_urls(tmp_path / "s", "gallery")) if s["key"] == key)
+    assert np.array_equal(sample["mask"], labels)

@@ -252,7 +252,9 @@ def _load_label(path: Path, orig_size: tuple[int, int], size: tuple[int, int]) -
         im.load()
         if im.mode not in ("L", "P"):
             raise ValueError(f"label {path}: mode {im.mode}, expected a single-channel PNG (L or P)")
-        label = im if im.mode == "L" else im.convert("L")
+        # A palette (P) label holds the class index per pixel; convert("L") would map it to the
+        # palette colour's brightness instead (a red "front" would become 76).
+        label = im if im.mode == "L" else Image.fromarray(np.asarray(im), "L")
         if label.size != orig_size:
             raise ValueError(f"label {path}: size {label.size} differs from its image's {orig_size}")
     top = int(np.asarray(label).max())
@@ -307,9 +309,10 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def decode_mask(data: bytes) -> np.ndarray:
-    """Label PNG bytes -> (H, W) uint8 labels (read as mode L: WebDataset's "pil" would make it RGB)."""
+    """Label PNG bytes -> (H, W) uint8 labels: mode L values or mode P palette indices (never
+    colours: WebDataset's "pil" decoder would make it RGB)."""
     with Image.open(io.BytesIO(data)) as im:
-        return np.array(im if im.mode == "L" else im.convert("L"))
+        return np.array(im if im.mode in ("L", "P") else im.convert("L"))
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
