@@ -57,8 +57,10 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
             run.log_metrics(scores.metrics)
             pictures = {} if source == "vehicleid" or cfg.grid_queries == 0 else ranked_pictures(
                 sets, scores, cfg.grid_queries, functools.partial(fetch_samples, masked))
-            for path in [METRICS, REPORT, CMC, CMC_PNG] + [atomic.write_png(root / f"reports/ranked_{name}.png", image)
-                                                          for name, image in pictures.items()]:
+            ranked = {Path(f"reports/ranked_{name}.png"): image for name, image in pictures.items()}
+            for path, image in ranked.items():
+                atomic.write_png(root / path, image)
+            for path in (METRICS, REPORT, CMC, CMC_PNG, *ranked):
                 run.log_artifact(root / path)
             print(f"evaluate: {scores.metrics}")
             return scores.metrics
