@@ -139,14 +139,16 @@ def _number(value, column: str, index: int) -> float:
 
 # ---- the chart -------------------------------------------------------------------------------
 def line_chart(rows: list[dict], x: str, ys: list[str], *, title: str, x_label: str, y_label: str,
-               size: tuple[int, int] = (640, 400)) -> Image.Image:
+               size: tuple[int, int] = (640, 400), x_span: tuple[float, float] | None = None) -> Image.Image:
     """A static line chart of ``rows``: ``x`` along the bottom, one line per column of ``ys``.
 
     rows: dicts (e.g. from ``csv.DictReader``: numeric strings are fine); a row whose ``x`` or
     series value is None, "", NaN or infinite is skipped for that series, and a gap splits the
     line. Isolated points (and every point of short series) get a dot marker. Axes are linear
     with round-number ticks; the legend box right of the plot names each series in its colour
-    ("(no data)" if it has no finite point). Returns an RGB image of ``size`` (width, height).
+    ("(no data)" if it has no finite point). ``x_span`` (lo, hi), when given, is always inside the
+    x axis (e.g. (0, 180) for angles), whatever the data covers. Returns an RGB image of ``size``
+    (width, height).
     Raises ValueError for no rows, no series, a missing ``x`` column or a non-numeric cell.
     """
     width, height = size
@@ -169,8 +171,8 @@ def line_chart(rows: list[dict], x: str, ys: list[str], *, title: str, x_label: 
               for name, pts in series.items()}
     finite = [p for pts in series.values() for p in pts if p is not None]
     whole = bool(finite) and all(p[0] == int(p[0]) for p in finite)
-    x_ticks = (nice_ticks(min(p[0] for p in finite), max(p[0] for p in finite), integer=whole)
-               if finite else nice_ticks(0, 1))
+    x_values = [p[0] for p in finite] + (list(x_span) if x_span is not None else [])
+    x_ticks = nice_ticks(min(x_values), max(x_values), integer=whole) if x_values else nice_ticks(0, 1)
     y_ticks = nice_ticks(min(p[1] for p in finite), max(p[1] for p in finite)) if finite else nice_ticks(0, 1)
     x_fmt, y_fmt = _tick_format(x_ticks), _tick_format(y_ticks)
 

@@ -25,7 +25,14 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.cli import InputError
-from pipeline.constants import VARIANTS, VEHICLEID_SUBSETS, VERIWILD_SUBSETS
+from pipeline.constants import (
+    ATTENTIONS,
+    PART_DISTANCES,
+    VARIANT_DEFAULTS,
+    VARIANTS,
+    VEHICLEID_SUBSETS,
+    VERIWILD_SUBSETS,
+)
 
 
 class ConfigError(InputError):
@@ -67,6 +74,10 @@ class SynthConfig:
     Sizes are counts of identities/cameras/images; ``image_size`` is the square
     render size in pixels; ``label_fraction`` is the share of *training* images
     that get a parsing label PNG (every test image gets one, to score the parser).
+    ``family_size`` [min, max]: identities come in look-alike families of that many
+    members (same body, size, paint and fittings; only the marks differ), each family
+    wholly in train or in test; ``train_ids``/``test_ids`` stay exact (see
+    ``pipeline/data/synthetic/families.py``). [1, 1] turns families off.
     """
     out_dir: str = "data/synthetic"
     train_ids: int = _bounded(150, ge=2)
@@ -74,6 +85,7 @@ class SynthConfig:
     cameras: int = _bounded(8, ge=2, le=999)
     cameras_per_id: tuple[int, int] = _bounded((3, 5), ge=2)
     images_per_camera: tuple[int, int] = _bounded((2, 3), ge=1)
+    family_size: tuple[int, int] = _bounded((4, 6), ge=1, le=30)
     image_size: int = _bounded(128, ge=32, le=1024)
     label_fraction: float = _bounded(1.0, ge=0.0, le=1.0)
     jpeg_quality: int = _bounded(92, ge=1, le=100)
@@ -144,9 +156,12 @@ class MasksConfig:
     """Predicted view masks for every ReID image (masks stage).
 
     ``mask_size`` stores label maps at ``[height, width]`` px; null keeps each image's
-    own resolution.
+    own resolution. ``source``: ``parser`` (predicted masks, the method) or ``labels`` (each
+    image's exact label map, an ablation that isolates the parser's contribution; every
+    image needs one).
     """
     out_dir: str = "data/masked"
+    source: Literal["parser", "labels"] = "parser"
     batch_size: int = _bounded(32, ge=1)
     mask_size: tuple[int, int] | None = _bounded(None, ge=8)
     num_workers: int = _bounded(1, ge=0)
@@ -154,13 +169,22 @@ class MasksConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """``L = w_id L_id + w_gtri L_tri_g + w_ltri L_tri_l`` (docs/method.md §4); what the sweep searches."""
+    """``L = w_id L_id + w_gtri L_tri_g + w_ltri L_tri_l + w_center L_center`` (docs/method.md §4).
+
+    The weights and margins are what the sweep searches. ``normalize_local`` L2-normalises
+    the part features in the local triplet loss; ``w_center`` weighs the centre loss,
+    whose centres step by SGD at ``center_lr``. null: the variant's value
+    (``pipeline.constants.VARIANT_DEFAULTS``; official: normalised, 5e-4).
+    """
     w_id: float = _bounded(1.0, ge=0.0)
     w_gtri: float = _bounded(1.0, ge=0.0)
     w_ltri: float = _bounded(1.0, ge=0.0)
     margin_g: float = _bounded(0.3, gt=0.0)
     margin_l: float = _bounded(0.3, gt=0.0)
     label_smoothing: float = _bounded(0.1, ge=0.0, lt=1.0)
+    normalize_local: bool | None = None
+    w_center: float | None = _bounded(None, ge=0.0)
+    center_lr: float = _bounded(0.5, gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -168,9 +192,17 @@ class ReidConfig:
     """PVEN training (train_reid stage).
 
     Batches are ``P`` identities x ``K`` images per rank; every rank runs exactly
-    ``batches_per_epoch`` steps an epoch. ``image_size`` is [height, width] in px.
+    ``batches_per_epoch`` steps an epoch (null: one pass over the training images,
+    ``images // (P K world_size)``). ``image_size`` is [height, width] in px.
     ``variant`` 'paper' follows the paper's equations, 'official' the authors' code
-    (docs/method.md §3). ``pretrained``: null, 'imagenet' (torchvision weights, needs
+    (docs/method.md §3); it sets the method keys left null: ``mask_pool`` (max |
+    nearest), ``local_neck`` (BatchNorm over the part features), ``vis_offset`` (added to
+    the visibilities), ``part_distance`` (euclidean | sqrt_euclidean) and the loss's
+    ``normalize_local`` / ``w_center``. ``attention`` common_visible (eq. 3) or uniform
+    (a_i = 1/4, an ablation). The lr warms up linearly from 0 over ``warmup_epochs``,
+    then ``schedule`` cosine (per step, down to 1 % at the end) or multistep (the
+    authors' ``WarmupMultiStepLR``, per epoch: x ``gamma`` at each of ``milestones``,
+    1-based epochs). ``pretrained``: null, 'imagenet' (torchvision weights, needs
     internet) or a path to a local backbone state dict. ``checkpoint_dir`` holds the
     resumable checkpoints (not a DVC output, so a requeued or restarted run resumes;
     checkpoints of other params are discarded). ``val_every`` epochs the query/gallery
@@ -185,15 +217,22 @@ class ReidConfig:
     last_stride: int = _bounded(1, ge=1, le=2)
     image_size: tuple[int, int] = _bounded((128, 128), ge=32)
     variant: Literal[VARIANTS] = "paper"
-    mask_pool: Literal["max", "nearest"] = "max"
+    mask_pool: Literal["max", "nearest"] | None = None
+    local_neck: bool | None = None
+    vis_offset: float | None = _bounded(None, ge=0.0)
+    part_distance: Literal[PART_DISTANCES] | None = None
+    attention: Literal[ATTENTIONS] = "common_visible"
     loss: LossConfig = LossConfig()
     P: int = _bounded(8, ge=2)
     K: int = _bounded(4, ge=2)
     epochs: int = _bounded(12, ge=1)
-    batches_per_epoch: int = _bounded(30, ge=1)
+    batches_per_epoch: int | None = _bounded(30, ge=1)
     lr: float = _bounded(3.5e-4, gt=0.0)
     weight_decay: float = _bounded(5e-4, ge=0.0)
     warmup_epochs: int = _bounded(1, ge=0)
+    schedule: Literal["cosine", "multistep"] = "cosine"
+    milestones: tuple[int, ...] = _bounded((40, 70), ge=1)
+    gamma: float = _bounded(0.1, gt=0.0, le=1.0)
     backend: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: str = "cluster/deepspeed/zero1.json"
     nproc_per_node: int = _bounded(1, ge=1)
@@ -208,6 +247,17 @@ class ReidConfig:
     shuffle_buffer: int = _bounded(512, ge=1)
     pk_buffer: int = _bounded(2048, ge=4)
 
+    def __post_init__(self) -> None:
+        # null method keys take the variant's value, so every consumer (model, loss,
+        # hashes, the model file) sees one resolved setting.
+        defaults = VARIANT_DEFAULTS[self.variant]
+        for name in ("mask_pool", "local_neck", "vis_offset", "part_distance"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name])
+        loss = {name: defaults[name] for name in ("normalize_local", "w_center") if getattr(self.loss, name) is None}
+        if loss:
+            object.__setattr__(self, "loss", dataclasses.replace(self.loss, **loss))
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -217,7 +267,8 @@ class EvalConfig:
     VeRi-776 and synthetic always drop gallery images with the query's id and camera;
     ``remove_junk`` switches it for VERI-Wild (the paper keeps them, toolkits remove them).
     Re-ranking is k-reciprocal with k1, k2, ``rerank_lambda``. ``grid_queries`` ranked lists
-    are drawn (first and worst).
+    are drawn (first and worst). ``bootstrap`` resamples of the query identities give the
+    95% intervals and paired differences (docs/method.md §9); 0 turns them off.
     """
     lam: float | None = _bounded(None, ge=0.0)
     batch_size: int = _bounded(64, ge=1)
@@ -231,24 +282,32 @@ class EvalConfig:
     vehicleid_repeats: int = _bounded(10, ge=1)
     grid_queries: int = _bounded(8, ge=0)
     num_workers: int = _bounded(1, ge=0)
+    bootstrap: int = _bounded(1000, ge=0)
 
 
 # Named bundles of overrides. A preset's keys win over params.yaml; explicit overrides
 # (`dvc exp run -S`, Tune trials) win over both.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's setting (docs/method.md): needs a GPU and ImageNet weights (internet or a path).
+    # The paper's recipe (docs/method.md §8): needs a GPU and the two ImageNet weight files
+    # (README, "Pretrained weights": nothing is downloaded). Both variants train under it.
     "paper": {
         "parser.encoder": "se_resnext50_32x4d",
+        "parser.encoder_weights": "weights/se_resnext50_32x4d-imagenet.pt",
         "parser.image_size": 256,
+        "parser.epochs": 40,     # examples/parsing/train_parsing.py: 40 epochs of batch 8
         "parser.batch_size": 8,
         "parser.lr": 0.001,  # the default's 0.004 at batch 32, scaled linearly to batch 8
         "reid.backbone": "resnet50",
-        "reid.pretrained": "imagenet",
+        "reid.pretrained": "weights/resnet50-imagenet.pt",
         "reid.image_size": [256, 256],
         "reid.P": 16,
         "reid.K": 4,
         "reid.epochs": 120,
-        "reid.batches_per_epoch": 300,
+        "reid.batches_per_epoch": None,   # one pass over the training images per epoch
+        "reid.warmup_epochs": 10,
+        "reid.schedule": "multistep",
+        "reid.milestones": [40, 70],
+        "reid.gamma": 0.1,
         "reid.num_workers": 8,
         "reid.val_every": 10,  # in-loop query/gallery check on VeRi-776: ~13k images
         "masks.num_workers": 8,
@@ -481,6 +540,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value in args:
             return value
         raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(map(repr, args))}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}, expected a list of {_describe(args[0])}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: got {value!r}, expected a list of {len(args)} "
@@ -529,7 +592,8 @@ def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
 
 def _check_cross_fields(p: Params) -> None:
     """Rules that involve more than one key."""
-    for section, name in (("synth", "cameras_per_id"), ("synth", "images_per_camera"), ("parser", "scale")):
+    for section, name in (("synth", "cameras_per_id"), ("synth", "images_per_camera"), ("synth", "family_size"),
+                          ("parser", "scale")):
         lo, hi = getattr(getattr(p, section), name)
         if lo > hi:
             raise ConfigError(f"{section}.{name}: got [{lo}, {hi}], expected [min, max] with min <= max")

@@ -16,8 +16,25 @@ NUM_PARTS = len(PART_NAMES)           # part features / visibilities per image: 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-# Distance variants (docs/method.md §3): the paper's equations, or the authors' code.
+# Method variants (docs/method.md §3): the paper's equations, or the authors' code.
 VARIANTS: tuple[str, ...] = ("paper", "official")
+
+# What each variant sets when a key is left null (reid.* / reid.loss.* / the evaluation's
+# DistanceSpec). The official column is silverbulletmdc/PVEN at 0b2e1a8 (docs/method.md §3):
+# examples/parsing_reid/model.py (nearest masks, local BN neck, vis + 1, neck_feat after),
+# math_tools.py (clck_dist: sqrt of the Euclidean distance per part; Clck_R1_mAP:
+# normalised features, squared global distance, distmat + 0.5 * local ** 2), main.py (centre loss 5e-4,
+# local triplet on normalised part features).
+VARIANT_DEFAULTS: dict[str, dict[str, object]] = {
+    "paper": {"mask_pool": "max", "local_neck": False, "vis_offset": 0.0, "part_distance": "euclidean",
+              "normalize_local": False, "w_center": 0.0,
+              "normalize": False, "global_squared": False, "local_squared": False, "lam": 1.0},
+    "official": {"mask_pool": "nearest", "local_neck": True, "vis_offset": 1.0, "part_distance": "sqrt_euclidean",
+                 "normalize_local": True, "w_center": 5e-4,
+                 "normalize": True, "global_squared": True, "local_squared": True, "lam": 0.5},
+}
+PART_DISTANCES: tuple[str, ...] = ("euclidean", "sqrt_euclidean")   # per-part ||x - y|| or sqrt(||x - y||)
+ATTENTIONS: tuple[str, ...] = ("common_visible", "uniform")        # eq. 3, or a_i = 1/4 (ablation)
 
 # Official test lists. VERI-Wild: subset -> (queries = identities, gallery images);
 # the query count is also the lists' file suffix (test_3000.txt, test_3000_query.txt).

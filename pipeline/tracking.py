@@ -153,6 +153,8 @@ def stage_run(stage: str, params, keys: Sequence[str] | None = None, rank: int |
     experiment = os.environ.get("DVC_EXP_NAME")
     if experiment:
         tags["dvc_experiment"] = experiment
+    if os.environ.get("PVEN_ABLATION"):   # set by pipeline.ablations for each ablation's experiment
+        tags["ablation"] = os.environ["PVEN_ABLATION"]
     run = mlflow.start_run(run_name=f"{stage} [{experiment}]" if experiment else stage, tags=tags)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None

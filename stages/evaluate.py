@@ -7,9 +7,16 @@ Reads params ``seed``, ``data.source``, ``data.test_subset``, ``masks.out_dir``,
 ``reid.out_dir`` and ``eval``. Every rank embeds its shards of the masked splits; rank 0
 saves ``embeddings/<split>/`` and scores the same embeddings three ways (the
 inference-side ablation): global only (D_g), local only (D_l) and PVEN (D_g + lam D_l),
-with the dataset's protocol. Writes ``metrics/eval.json``, ``plots/cmc.csv`` and
-ranked-list pictures ``reports/ranked_first.png`` / ``reports/ranked_worst.png`` (ranked
-by the PVEN distance itself: with ``eval.rerank`` the metrics are re-ranked, the pictures are not).
+with the dataset's protocol, with ``eval.bootstrap`` query-identity resamples for 95%
+intervals and the paired differences PVEN - global / PVEN - local (docs/method.md §9).
+Writes ``metrics/eval.json`` (headline: at most 8 numbers), ``metrics/eval_intervals.json``
+(the other headline intervals and the paired differences), ``reports/eval.json`` (all of
+it, with the cross-view table when the images know their azimuth), ``reports/eval_queries.csv``
+(per query and mode: AP and first rank), ``plots/cmc.csv`` + ``reports/cmc.png``,
+``plots/crossview.csv`` + ``reports/crossview.png`` (mAP per azimuth-difference bin; no
+rows without views) and ranked-list pictures ``reports/ranked_first.png`` /
+``reports/ranked_worst.png`` (ranked by the PVEN distance itself: with ``eval.rerank`` the
+metrics are re-ranked, the pictures are not).
 """
 import functools
 from pathlib import Path
@@ -19,7 +26,15 @@ from pipeline.config import Params, ParamsView, stage_params
 from pipeline.data.shards import fetch_samples
 from pipeline.dist.env import init_distributed, shutdown
 from pipeline.evaluation.features import load_features
-from pipeline.evaluation.report import cmc_chart, ranked_pictures, score
+from pipeline.evaluation.report import (
+    CROSSVIEW_COLUMNS,
+    QUERY_COLUMNS,
+    cmc_chart,
+    crossview_chart,
+    ranked_pictures,
+    score,
+)
+from pipeline.reid.distance import spec_for
 from pipeline.reid.embed import extract_split, model_forward
 from pipeline.reid.model import MODEL_FILE, load_model
 from pipeline.tracking import headline, stage_run, without_timings
@@ -27,9 +42,19 @@ from pipeline.tracking import headline, stage_run, without_timings
 PARAMS = ("seed", "data.source", "data.test_subset", "masks.out_dir", "reid.out_dir", "eval")
 EMBEDDINGS = Path("embeddings")
 METRICS, REPORT = Path("metrics/eval.json"), Path("reports/eval.json")
-HEADLINE = {"mAP": "pven.mAP", "rank1": "pven.rank1", "rank5": "pven.rank5", "mINP": "pven.mINP",
-            "mAP_global": "global.mAP", "mAP_local": "local.mAP"}
+HEADLINE = {"mAP": "pven.mAP", "mAP_lo": "pven.mAP_lo", "mAP_hi": "pven.mAP_hi", "rank1": "pven.rank1",
+            "rank5": "pven.rank5", "mINP": "pven.mINP", "mAP_global": "global.mAP", "mAP_local": "local.mAP"}
+# the other headline numbers' intervals and the paired difference PVEN - global (dvc metrics diff)
+INTERVALS_FILE = Path("metrics/eval_intervals.json")
+INTERVALS = {"rank1_lo": "pven.rank1_lo", "rank1_hi": "pven.rank1_hi", "rank5_lo": "pven.rank5_lo",
+             "rank5_hi": "pven.rank5_hi", "mINP_lo": "pven.mINP_lo", "mINP_hi": "pven.mINP_hi",
+             "mAP_global_lo": "global.mAP_lo", "mAP_global_hi": "global.mAP_hi",
+             "mAP_local_lo": "local.mAP_lo", "mAP_local_hi": "local.mAP_hi",
+             **{f"{m}_pven_minus_global{end}": f"differences.pven_minus_global.{m}{end}"
+                for m in ("mAP", "rank1") for end in ("", "_lo", "_hi")}}
 CMC, CMC_PNG = Path("plots/cmc.csv"), Path("reports/cmc.png")
+CROSSVIEW, CROSSVIEW_PNG = Path("plots/crossview.csv"), Path("reports/crossview.png")
+QUERIES = Path("reports/eval_queries.csv")
 
 
 def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> dict | None:
@@ -49,18 +74,22 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
                 return None
             sets = {split: load_features(root / EMBEDDINGS / split) for split in splits}
             scores = score(sets, cfg, source=source, test_subset=params.data.test_subset, seed=params.seed,
-                           variant=meta["variant"])
+                           base=spec_for(meta.get("distance", {"variant": meta["variant"]})))
             atomic.write_json(root / REPORT, without_timings(scores.metrics))
             atomic.write_json(root / METRICS, headline(scores.metrics, HEADLINE))
+            atomic.write_json(root / INTERVALS_FILE, headline(scores.metrics, INTERVALS))
+            atomic.write_csv(root / QUERIES, scores.queries, QUERY_COLUMNS)
             atomic.write_csv(root / CMC, scores.cmc, number_format="g")
             atomic.write_png(root / CMC_PNG, cmc_chart(scores.cmc))
+            atomic.write_csv(root / CROSSVIEW, scores.crossview, CROSSVIEW_COLUMNS, number_format="g")
+            atomic.write_png(root / CROSSVIEW_PNG, crossview_chart(scores.crossview))
             run.log_metrics(scores.metrics)
             pictures = {} if source == "vehicleid" or cfg.grid_queries == 0 else ranked_pictures(
                 sets, scores, cfg.grid_queries, functools.partial(fetch_samples, masked))
             ranked = {Path(f"reports/ranked_{name}.png"): image for name, image in pictures.items()}
             for path, image in ranked.items():
                 atomic.write_png(root / path, image)
-            for path in (METRICS, REPORT, CMC, CMC_PNG, *ranked):
+            for path in (METRICS, INTERVALS_FILE, REPORT, QUERIES, CMC, CMC_PNG, CROSSVIEW, CROSSVIEW_PNG, *ranked):
                 run.log_artifact(root / path)
             print(f"evaluate: {scores.metrics}")
             return scores.metrics

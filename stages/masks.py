@@ -7,7 +7,8 @@
 Reads params ``seed``, ``masks``, ``shard.out_dir`` (the shards) and ``parser.out_dir``
 (the checkpoint; its config gives the input size). Writes ``masks.out_dir``: one shard
 per input shard, same samples in the same order, with the *predicted* ``mask.png``
-(ground-truth masks are never copied) and a manifest; ``metrics/masks.json`` (per-view
+(ground-truth masks are not copied, except for the ablation ``masks.source: labels``,
+which writes every image's own label map instead) and a manifest; ``metrics/masks.json`` (per-view
 visibility and area, IoU against ground truth where it exists, images/s) and
 ``reports/masks_overlays.png`` (image | prediction | ground truth), logged to MLflow.
 Undecodable images are skipped and listed in the manifest.
@@ -43,7 +44,8 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
         with stage_run("masks", params, rank=info.rank) as run:
             result = write_masked_shards(shards, out_dir, root / params.parser.out_dir / CHECKPOINT,
                                          batch_size=cfg.batch_size, mask_size=cfg.mask_size,
-                                         num_workers=cfg.num_workers, info=info, show_progress=True)
+                                         num_workers=cfg.num_workers, info=info, show_progress=True,
+                                         source=cfg.source)
             if info.is_main:
                 atomic.write_json(root / REPORT, without_timings(result["metrics"]))
                 atomic.write_json(root / METRICS, headline(result["metrics"], HEADLINE))

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, Params, load_params, params_from_dict
+from pipeline.constants import VARIANT_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,27 @@ def test_every_key_of_params_yaml_is_in_the_schema_and_round_trips():
     import yaml
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = params_from_dict(raw)
-    assert params.to_dict() == raw
+    resolved = params.to_dict()
+    # null method keys come back as the variant's values; everything else as written
+    for key in ("mask_pool", "local_neck", "vis_offset", "part_distance"):
+        assert raw["reid"][key] is None and resolved["reid"][key] == VARIANT_DEFAULTS["paper"][key]
+        resolved["reid"][key] = None
+    for key in ("normalize_local", "w_center"):
+        assert raw["reid"]["loss"][key] is None and resolved["reid"]["loss"][key] == VARIANT_DEFAULTS["paper"][key]
+        resolved["reid"]["loss"][key] = None
+    assert resolved == raw
+
+
+def test_the_variant_sets_the_method_keys_left_null_and_each_can_be_overridden():
+    official = load_params(ROOT / "params.yaml", ["reid.variant=official"]).reid
+    assert (official.mask_pool, official.local_neck, official.vis_offset, official.part_distance,
+            official.loss.normalize_local, official.loss.w_center) == ("nearest", True, 1.0, "sqrt_euclidean",
+                                                                      True, 5e-4)
+    mixed = load_params(ROOT / "params.yaml", ["reid.variant=official", "reid.local_neck=false",
+                                               "reid.loss.w_center=0"]).reid
+    assert (mixed.local_neck, mixed.loss.w_center, mixed.mask_pool) == (False, 0.0, "nearest")
+    paper = load_params(ROOT / "params.yaml", ["reid.part_distance=sqrt_euclidean"]).reid
+    assert (paper.part_distance, paper.local_neck, paper.vis_offset) == ("sqrt_euclidean", False, 0.0)
 
 
 def test_dotted_overrides_are_parsed_as_yaml_and_validated():
@@ -84,6 +105,16 @@ def test_paper_preset_applies_and_explicit_overrides_still_win():
     assert params.parser.encoder == "se_resnext50_32x4d" and params.reid.backbone == "resnet50"
     assert params.reid.image_size == (256, 256)
     assert params.reid.P == 4
+    # the authors' recipe: 120 full epochs, 10 warm-up epochs, x 0.1 at 40 and 70, local weights
+    reid = params.reid
+    assert (reid.epochs, reid.batches_per_epoch, reid.warmup_epochs, reid.schedule, reid.milestones, reid.gamma) == (
+        120, None, 10, "multistep", (40, 70), 0.1)
+    assert reid.pretrained == "weights/resnet50-imagenet.pt"
+    assert params.parser.encoder_weights == "weights/se_resnext50_32x4d-imagenet.pt"
+    assert (params.parser.image_size, params.parser.epochs, params.parser.batch_size) == (256, 40, 8)
+    from pipeline.reid.train import steps_per_epoch
+    assert steps_per_epoch(reid, 37778, world_size=1) == 37778 // (4 * 4)    # one pass (P overridden to 4)
+    assert steps_per_epoch(reid, 37778, world_size=8) == 37778 // (4 * 4 * 8)
     with pytest.raises(ConfigError, match="preset: got 'fast', expected null or one of 'paper'"):
         load_params(ROOT / "params.yaml", ["preset=fast"])
 

@@ -30,8 +30,10 @@ def test_local_distance_is_the_same_in_training_and_evaluation(variant):
     fs = FeatureSet(ids, None, None, parts.numpy(), vis.numpy())
     eval_kernel = pven_distance(fs, fs, spec)
     # Off the diagonal: the same numbers. On it (an image against itself) both are the
-    # square root of GEMM round-off, ~1e-3, whose exact value differs between kernels.
+    # square root of GEMM round-off, ~1e-3, whose exact value differs between kernels;
+    # official takes a second root (as the authors' clck_dist), which lifts it to ~1e-2.
     off = ~np.eye(7, dtype=bool)
     np.testing.assert_allclose(train_dl.numpy(), eval_torch.numpy(), rtol=0, atol=0)  # one implementation
     np.testing.assert_allclose(train_dl.numpy()[off], eval_kernel[off], rtol=1e-4, atol=1e-4)
-    assert np.abs(np.diag(train_dl.numpy())).max() < 1e-2 and np.abs(np.diag(eval_kernel)).max() < 1e-2
+    bound = 5e-2 if variant == "official" else 1e-2
+    assert np.abs(np.diag(train_dl.numpy())).max() < bound and np.abs(np.diag(eval_kernel)).max() < bound

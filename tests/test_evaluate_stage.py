@@ -30,7 +30,8 @@ def project(tmp_path_factory):
     torch.manual_seed(0)
     model = PVEN(6, backbone="resnet18")
     (project / "models/reid").mkdir(parents=True)
-    torch.save(model_payload(model, model.state_dict(), list(range(1, 7)), "paper", (64, 64)),
+    distance = {"variant": "paper", "part_distance": "euclidean", "vis_offset": 0.0, "attention": "common_visible"}
+    torch.save(model_payload(model, model.state_dict(), list(range(1, 7)), distance, (64, 64)),
                project / "models/reid/model.pt")
     return project
 
@@ -63,6 +64,65 @@ def test_evaluate_writes_metrics_cmc_embeddings_and_pictures(project):
     for name in ("first", "worst"):
         from PIL import Image
         assert Image.open(project / f"reports/ranked_{name}.png").size[0] > 500
+
+
+def test_evaluate_writes_intervals_crossview_and_per_query_rows(project):
+    import csv
+
+    from PIL import Image
+
+    from pipeline.data.shards import iter_samples, shard_urls
+    run([sys.executable, "stages/evaluate.py"], project)
+    report = json.loads((project / "reports/eval.json").read_text())
+    for mode in ("global", "local", "pven"):
+        for name in ("mAP", "rank1"):
+            assert report[mode][f"{name}_lo"] <= report[mode][name] <= report[mode][f"{name}_hi"], (mode, name)
+    for pair in ("pven_minus_global", "pven_minus_local"):
+        d = report["differences"][pair]
+        assert d["mAP_lo"] <= d["mAP"] <= d["mAP_hi"]
+    assert report["bootstrap"]["resamples"] == 1000 and report["bootstrap"]["unit"] == "query identity"
+    headline = json.loads((project / "metrics/eval.json").read_text())
+    assert set(headline) == {"mAP", "mAP_lo", "mAP_hi", "rank1", "rank5", "mINP", "mAP_global", "mAP_local"}
+    assert headline["mAP_lo"] == report["pven"]["mAP_lo"]
+    intervals = json.loads((project / "metrics/eval_intervals.json").read_text())
+    assert intervals["mAP_pven_minus_global"] == report["differences"]["pven_minus_global"]["mAP"]
+    assert {"rank1_lo", "rank1_hi", "mAP_global_lo", "mAP_local_hi", "mAP_pven_minus_global_lo",
+            "rank1_pven_minus_global_hi"} <= set(intervals)
+    assert all(isinstance(v, float) for v in intervals.values())
+
+    # views: from every sample's json into embeddings/<split>/views.npy
+    keys = (project / "embeddings/query/keys.txt").read_text().split()
+    views = np.load(project / "embeddings/query/views.npy")
+    truth = {s["__key__"]: json.loads(s["json"])["view"]["azimuth_deg"]
+             for url in shard_urls(project / "data/shards", "query") for s in iter_samples(url, ("json",))}
+    np.testing.assert_array_equal(views, [truth[k] for k in keys])
+    assert np.all((views > -180) & (views <= 180))
+
+    # the synthetic set knows its views: the cross-view table, CSV and chart
+    assert set(report["crossview"]) == {"0-45", "45-90", "90-135", "135-180", "front_back"}
+    for entry in report["crossview"].values():
+        assert set(entry) == {"num_queries", "global", "local", "pven", "pven_minus_global"}
+    with open(project / "plots/crossview.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["bin"] for r in rows] == ["0-45", "45-90", "90-135", "135-180"]
+    assert [int(r["num_queries"]) for r in rows] == [report["crossview"][r["bin"]]["num_queries"] for r in rows]
+    assert Image.open(project / "reports/crossview.png").size == (640, 400)
+
+    # one row per query: key, vid, camera, azimuth, per mode AP and first rank
+    with open(project / "reports/eval_queries.csv") as f:
+        queries = list(csv.DictReader(f))
+    assert list(queries[0]) == ["repeat", "key", "vid", "camera", "azimuth", "global_ap", "global_first_rank",
+                                "local_ap", "local_first_rank", "pven_ap", "pven_first_rank"]
+    assert [r["key"] for r in queries] == keys
+    aps = [float(r["pven_ap"]) for r in queries if r["pven_ap"]]
+    assert len(aps) == report["pven"]["num_queries"] and np.mean(aps) == report["pven"]["mAP"]
+
+    # the same inputs again: every new output identical, byte for byte
+    outputs = ("metrics/eval_intervals.json", "reports/eval.json", "reports/eval_queries.csv", "plots/crossview.csv",
+               "reports/crossview.png")
+    before = {path: (project / path).read_bytes() for path in outputs}
+    run([sys.executable, "stages/evaluate.py"], project)
+    assert [p for p in outputs if (project / p).read_bytes() != before[p]] == []
 
 
 @pytest.mark.distributed

@@ -21,6 +21,9 @@ def loop_distance(qg, qp, qv, gg, gp, gv, spec: DistanceSpec) -> np.ndarray:
     def euclid(a, b):
         return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
 
+    def part(a, b):   # sqrt_euclidean: the authors' clamp of the squared distance at 1e-12, two roots
+        return max(euclid(a, b) ** 2, 1e-12) ** 0.25 if spec.part_root else euclid(a, b)
+
     out = np.zeros((len(qv), len(gv)))
     for p in range(len(qv)):
         for q in range(len(gv)):
@@ -31,12 +34,13 @@ def loop_distance(qg, qp, qv, gg, gp, gv, spec: DistanceSpec) -> np.ndarray:
                     dg = dg ** 2
             dl = 0.0
             if spec.uses_local:
-                vp = [float(v) + spec.vis_offset for v in qv[p]]
-                vq = [float(v) + spec.vis_offset for v in gv[q]]
+                vp = [1.0 if spec.uniform else float(v) + spec.vis_offset for v in qv[p]]
+                vq = [1.0 if spec.uniform else float(v) + spec.vis_offset for v in gv[q]]
                 den = sum(vp[i] * vq[i] for i in range(4))
                 if den > 0:   # no common visible part: D_l = 0
-                    dl = sum(vp[i] * vq[i] / den * euclid(norm(qp[p][i]), norm(gp[q][i])) for i in range(4))
-            out[p, q] = {"global": dg, "local": dl, "pven": dg + spec.lam_value * dl}[spec.mode]
+                    dl = sum(vp[i] * vq[i] / den * part(norm(qp[p][i]), norm(gp[q][i])) for i in range(4))
+            local_term = dl ** 2 if spec.local_sq else dl
+            out[p, q] = {"global": dg, "local": dl, "pven": dg + spec.lam_value * local_term}[spec.mode]
     return out
 
 
@@ -52,12 +56,17 @@ def make_set(rng, n, cg=6, cp=5):
                       rng.standard_normal((n, cg)).astype(np.float32), parts, vis)
 
 
+OVERRIDES = [{}, {"part_distance": "sqrt_euclidean"}, {"attention": "uniform"},
+             {"local_squared": True, "lam": 0.7}, {"visibility_offset": 2.0, "normalize": True}]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", MODES)
-def test_kernel_and_torch_match_pair_loop(mode, variant):
+@pytest.mark.parametrize("override", OVERRIDES, ids=lambda o: ",".join(o) or "variant")
+def test_kernel_and_torch_match_pair_loop(mode, variant, override):
     rng = np.random.default_rng(0)
     q, g = make_set(rng, 7), make_set(rng, 9)
-    spec = DistanceSpec(mode=mode, variant=variant)
+    spec = DistanceSpec(mode=mode, variant=variant, **override)
     ref = loop_distance(q.global_feats, q.part_feats, q.visibility, g.global_feats, g.part_feats,
                         g.visibility, spec)
     kernel = pven_distance(q, g, spec)

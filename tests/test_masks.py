@@ -116,3 +116,32 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match="no parser checkpoint"):
         write_masked_shards(shards, tmp_path / "masked", tmp_path / "none.pt")
     assert not list(tmp_path.glob("*masked*"))
+
+
+def test_labels_source_writes_each_images_own_label_map_and_refuses_unlabelled_images(tmp_path):
+    shards, ckpt = make_inputs(tmp_path)
+    # Half of the images have a label: the ablation refuses to invent the others' masks.
+    with pytest.raises(Exception, match=r"masks.source=labels: .* has no label mask.png"):
+        write_masked_shards(shards, tmp_path / "masked", ckpt, batch_size=2, source="labels")
+    assert not (tmp_path / "masked").exists(), "nothing written on error"
+    # Give every image a label, then the output carries exactly those labels.
+    for split in ("train", "query", "gallery"):
+        for url in shard_urls(shards, split):
+            samples = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
+                       for s in raw_samples(url)]
+            for i, s in enumerate(samples):
+                if "mask.png" not in s:
+                    labels = np.full((32, 40), i % 5, dtype=np.uint8)
+                    buf = io.BytesIO()
+                    Image.fromarray(labels, "L").save(buf, format="PNG")
+                    s["mask.png"] = buf.getvalue()
+            write_tar(Path(url), samples)
+    result = write_masked_shards(shards, tmp_path / "masked", ckpt, batch_size=2, source="labels")
+    assert result["manifest"]["mask_source"] == "labels"
+    for split in ("train", "query", "gallery"):
+        for url_in, url_out in zip(shard_urls(shards, split), shard_urls(tmp_path / "masked", split)):
+            for x, y in zip(raw_samples(url_in), raw_samples(url_out)):
+                assert json.loads(y["json"])["mask_source"] == "labels"
+                truth = np.array(Image.open(io.BytesIO(x["mask.png"])))
+                assert np.array_equal(np.array(Image.open(io.BytesIO(y["mask.png"]))), truth)
+    assert result["metrics"]["heldout_truth"]["miou"] == 1.0

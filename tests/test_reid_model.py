@@ -41,11 +41,12 @@ def test_local_distance_official_by_hand():
     d, common = pairwise_local_distance(FEATS, VIS, FEATS, VIS, "official")
     assert common.all(), "v + 1: every pair has a common part"
     # Weights (v_p + 1)(v_q + 1) = front 3*2, back 1*3, side 2*4, top 1*1 (sum 18). Unit features:
-    # p = [0, 0, (1,0), 0]; q = [(.6,.8), (s,s), (s,s), 0], s = 1/sqrt 2; Euclidean per part
-    # (front: zero vs unit vector -> 1; top: two zero vectors -> the sqrt floor, 1e-6).
+    # p = [0, 0, (1,0), 0]; q = [(.6,.8), (s,s), (s,s), 0], s = 1/sqrt 2; per part the square root
+    # of the Euclidean distance (front: zero vs unit vector -> 1; top: two zero vectors -> the
+    # floors, sqrt(sqrt(1e-12)) = 1e-3).
     s = 1 / math.sqrt(2)
     side = math.hypot(1 - s, s)
-    expected = (6 * 1.0 + 3 * 1.0 + 8 * side + 1 * 1e-6) / 18
+    expected = (6 * 1.0 + 3 * 1.0 + 8 * math.sqrt(side) + 1 * 1e-3) / 18
     assert d[0, 1].item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -163,7 +164,9 @@ def test_pretrained_state_dict_loads_and_bad_files_fail_clearly(tmp_path):
 def test_model_file_round_trip_with_weights_only(tmp_path):
     torch.manual_seed(1)
     model = PVEN(4, "resnet18").eval()
-    payload = model_payload(model, model.state_dict(), [7, 9, 11, 12], "paper", (64, 64))
+    payload = model_payload(model, model.state_dict(), [7, 9, 11, 12],
+                            {"variant": "paper", "part_distance": "euclidean", "vis_offset": 0.0,
+                             "attention": "common_visible"}, (64, 64))
     torch_save_atomic(payload, tmp_path / "model.pt")
     loaded, meta = load_model(tmp_path / "model.pt")
     assert meta["class_vids"] == [7, 9, 11, 12] and meta["image_size"] == [64, 64]

@@ -169,7 +169,7 @@ def test_stage_runs_under_torchrun_and_writes_its_outputs(shards, tmp_path):
     metrics = json.loads((project / "reports/train.json").read_text())
     assert metrics["steps"] == 10 and metrics["world_size"] == 1 and 0 < metrics["val_mAP"] <= 1
     rows = (project / "plots/train_loss.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,loss,id,gtri,ltri,lr" and len(rows) == 11
+    assert rows[0] == "step,epoch,loss,id,gtri,ltri,center,lr" and len(rows) == 11
     payload = torch.load(project / "models/reid/model.pt", weights_only=True)
     assert payload["class_vids"] == list(range(8)) and payload["config"]["backbone"] == "resnet18"
     from mlflow.tracking import MlflowClient
@@ -177,3 +177,21 @@ def test_stage_runs_under_torchrun_and_writes_its_outputs(shards, tmp_path):
     run = client.search_runs([client.get_experiment_by_name("pven").experiment_id])[0]
     assert run.info.run_name == "train_reid" and "val_mAP" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt", "model/model.json"}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_official_variant_trains_on_two_ranks_and_resumes_its_centres(shards, tmp_path):
+    # Local neck, nearest masks, v + 1, sqrt part distance and the centre loss, whose centres
+    # (a buffer, stepped in closed form on the all-reduced batch) must agree across ranks and
+    # come back from the checkpoint: the killed-and-resumed run ends where the straight one does.
+    straight = torchrun(shards, tmp_path / "straight", "reid.variant=official")
+    resumed = torchrun(shards, tmp_path / "resumed", "reid.variant=official", "--kill-at", "3", restarts=1)
+    assert resumed["resumed_from"] == 3
+    for run in (straight, resumed):
+        assert run["ranks"][0]["params"] == run["ranks"][1]["params"]
+        assert run["ranks"][0]["centers"] == run["ranks"][1]["centers"] is not None
+        assert all(s["center"] > 0 for s in run["steps"])
+    assert losses(resumed) == losses(straight)
+    assert resumed["ranks"][0]["centers"] == straight["ranks"][0]["centers"]
+    assert resumed["ranks"][0]["params"] == straight["ranks"][0]["params"]

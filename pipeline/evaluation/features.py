@@ -3,8 +3,12 @@
 A folder ``<dir>/<split>/`` (written by :func:`write_feature_folder`, e.g. by the
 evaluate stage) holds ``global.npy`` (N, C) float32, ``local.npy`` (N, 4, C) float32,
 ``visibility.npy`` (N, 4) float32 (mask cells of each view on the feature map),
-``ids.npy`` (N,) int64, ``cams.npy`` (N,) int64 (-1: unknown) and ``keys.txt`` (one
-sample key a line). The folder is built under a temporary name and swapped in.
+``ids.npy`` (N,) int64, ``cams.npy`` (N,) int64 (-1: unknown), ``keys.txt`` (one
+sample key a line) and, only for a dataset with view angles (the synthetic set),
+``views.npy`` (N,) float64: the azimuth in degrees (the renderer's convention: 0 front,
+90 left side, +-180 back; values in (-180, 180]), NaN where unknown. A folder without
+``views.npy`` loads with ``views=None``. The folder is built under a temporary name and
+swapped in.
 """
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ import torch
 from pipeline import atomic
 from pipeline.constants import NUM_PARTS
 
-__all__ = ["ARRAYS", "FeatureSet", "as_tensor", "load_features", "write_feature_folder"]
+__all__ = ["ARRAYS", "VIEWS", "FeatureSet", "as_tensor", "load_features", "write_feature_folder"]
 
 ARRAYS = ("global", "local", "visibility", "ids", "cams")
+VIEWS = "views"   # the optional array: views.npy, written only when the split has view angles
 
 
 def as_tensor(name: str, x: Any) -> torch.Tensor:
@@ -43,12 +48,15 @@ class FeatureSet:
     global_feats: (N, Cg) float, or None if only ``local`` mode is used
     part_feats:   (N, 4, Cp) float, or None if only ``global`` mode is used
     visibility:   (N, 4) float >= 0 (part mask areas), required with part_feats
+    views:        (N,) float azimuth in degrees (0 front, 90 left side, +-180 back, in
+                  (-180, 180]), NaN where unknown; None for a dataset without views
     """
     ids: Any
     cams: Any = None
     global_feats: Any = None
     part_feats: Any = None
     visibility: Any = None
+    views: Any = None
 
     def __post_init__(self) -> None:
         ids = self.ids.detach().cpu().numpy() if isinstance(self.ids, torch.Tensor) else np.asarray(self.ids)
@@ -61,6 +69,19 @@ class FeatureSet:
             if cams.shape != (n,):
                 raise ValueError(f"FeatureSet.cams: expected shape ({n},), got {cams.shape}")
             object.__setattr__(self, "cams", cams)
+        if self.views is not None:
+            views = self.views
+            views = views.detach().cpu().numpy() if isinstance(views, torch.Tensor) else np.asarray(views)
+            if views.shape != (n,) or views.dtype.kind not in "fiu":
+                raise ValueError(f"FeatureSet.views: expected a numeric array of shape ({n},), got "
+                                 f"{views.shape} {views.dtype}")
+            views = views.astype(np.float64)
+            bad = np.isfinite(views) & ((views <= -180.0) | (views > 180.0))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"FeatureSet.views: {int(bad.sum())} azimuths outside (-180, 180] degrees "
+                                 f"(first: image {i}, value {views[i]})")
+            object.__setattr__(self, "views", views)
         if self.global_feats is None and self.part_feats is None:
             raise ValueError("FeatureSet: needs global_feats and/or part_feats")
         if self.global_feats is not None:
@@ -98,13 +119,18 @@ class FeatureSet:
                 return x[torch.as_tensor(idx) if not isinstance(idx, slice) else idx]
             return np.asarray(x)[idx]
         return FeatureSet(take(self.ids), take(self.cams), take(self.global_feats),
-                          take(self.part_feats), take(self.visibility))
+                          take(self.part_feats), take(self.visibility), take(self.views))
 
     @staticmethod
     def concat(sets: Sequence[FeatureSet]) -> FeatureSet:
-        """Stack several sets (e.g. query + gallery for re-ranking) as numpy/torch like the first."""
+        """Stack several sets (e.g. query + gallery for re-ranking) as numpy/torch like the first.
+
+        ``views`` (optional metadata) are kept only when every set has them, else None.
+        """
         def cat(name: str) -> Any:
             vals = [getattr(s, name) for s in sets]
+            if name == "views" and any(v is None for v in vals):
+                return None
             if any(v is None for v in vals):
                 if not all(v is None for v in vals):
                     raise ValueError(f"FeatureSet.concat: {name} is missing in some sets")
@@ -112,28 +138,39 @@ class FeatureSet:
             if isinstance(vals[0], torch.Tensor):
                 return torch.cat([as_tensor(name, v) for v in vals])
             return np.concatenate([np.asarray(v) for v in vals])
-        return FeatureSet(cat("ids"), cat("cams"), cat("global_feats"), cat("part_feats"), cat("visibility"))
+        return FeatureSet(cat("ids"), cat("cams"), cat("global_feats"), cat("part_feats"), cat("visibility"),
+                          cat("views"))
 
 
 def write_feature_folder(folder: Path, arrays: dict[str, np.ndarray], keys: Sequence[str]) -> Path:
-    """Write one split's :data:`ARRAYS` and keys as ``folder`` (staged beside it, then swapped in)."""
+    """Write one split's :data:`ARRAYS` and keys as ``folder`` (staged beside it, then swapped in).
+
+    ``arrays[VIEWS]`` (azimuths, NaN where unknown), when present and not None, is written
+    as ``views.npy`` (float64); without it the folder has no ``views.npy``.
+    """
     folder = Path(folder)
     staging = folder.with_name(f".{folder.name}.merged")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name in ARRAYS:
         np.save(staging / f"{name}.npy", arrays[name])
+    if arrays.get(VIEWS) is not None:
+        np.save(staging / f"{VIEWS}.npy", np.asarray(arrays[VIEWS], dtype=np.float64))
     atomic.write_text(staging / "keys.txt", "".join(f"{k}\n" for k in keys))
     atomic.swap_dir(staging, folder)
     return folder
 
 
 def load_features(folder: Path) -> tuple[FeatureSet, list[str]]:
-    """An embedding folder -> (FeatureSet with global, part features and visibilities, keys)."""
+    """An embedding folder -> (FeatureSet with global, part features, visibilities and views, keys).
+
+    ``views`` is None when the folder has no ``views.npy``.
+    """
     folder = Path(folder)
     missing = [n for n in ARRAYS if not (folder / f"{n}.npy").is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: missing {', '.join(m + '.npy' for m in missing)}")
     a = {name: np.load(folder / f"{name}.npy") for name in ARRAYS}
+    views = np.load(folder / f"{VIEWS}.npy") if (folder / f"{VIEWS}.npy").is_file() else None
     keys = (folder / "keys.txt").read_text().splitlines()
-    return FeatureSet(a["ids"], a["cams"], a["global"], a["local"], a["visibility"]), keys
+    return FeatureSet(a["ids"], a["cams"], a["global"], a["local"], a["visibility"], views), keys

@@ -26,9 +26,11 @@ which is what makes streaming metrics equal dense metrics.
 The norm terms ride inside the GEMM: a query row ``[-2 a x, a |x|^2, a]`` dotted with
 a gallery row ``[b y, b, b |y|^2]`` gives ``a b ||x - y||^2``; with ``a = w_p^2``,
 ``b = w_q^2`` (per-part visibility weights) the square root is directly the weighted
-part distance ``w_p w_q ||x - y||``. Visibilities are rescaled per image to a maximum
-of 1 first (the attention ``a_i`` is invariant to that), which keeps these products
-far from float32 overflow.
+part distance ``w_p w_q ||x - y||``. For the ``sqrt_euclidean`` part distance
+(``official``) ``a = w_p^4``, ``b = w_q^4`` and the fourth root gives
+``w_p w_q sqrt(||x - y||)``. Visibilities are rescaled per image to a maximum of 1
+first (the attention ``a_i`` is invariant to that), which keeps these products far
+from float32 overflow.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ _NORM_ROWS = 4096  # fixed row chunk for per-row reductions (keeps them reproduc
 MIN_WEIGHT = 1e-6  # visibility below this fraction of an image's most visible part = invisible
 _DEN_FLOOR = 1e-30  # < MIN_WEIGHT**2: clamping the attention denominator to it only touches 0
 _FLT_MIN = float(torch.finfo(torch.float32).tiny)
+_ROOT_FLOOR = 1e-6  # sqrt_euclidean: ||x - y|| >= sqrt(1e-12), the authors' clamp before their two roots
 
 
 def round_up(n: int, m: int) -> int:
@@ -152,6 +155,8 @@ class PreparedSet:
             self.p = _float_feats("part_feats", fs.part_feats)
             self.p_sq, self.p_div = self._norms(self.p)
             v = as_tensor("visibility", fs.visibility).cpu().double() + spec.vis_offset
+            if spec.uniform:  # a_i = 1/4: every part weighs the same, seen or not
+                v = torch.ones_like(v)
             vmax = v.amax(dim=1, keepdim=True)
             # Rescale each image's visibilities to max 1 (a_i is invariant to it), so the
             # squared weights in the GEMM stay far from float32 overflow; parts below
@@ -208,9 +213,12 @@ class PreparedSet:
             out.pN = torch.empty(NUM_PARTS, n_pad, 2) if self.bf16 else None
 
             def part(i: int) -> None:
+                a = w[:, i] * w[:, i]
+                if self.spec.part_root:
+                    a = a * a   # w^4: the fourth root of the product is w_p w_q sqrt(||x - y||)
                 self._layout(self.p[:, i], index, idx_np, self.p_sq[index, i],
                              None if self.p_div is None else self.p_div[index, i],
-                             w[:, i] * w[:, i], role, out.pA[i], None if out.pN is None else out.pN[i])
+                             a, role, out.pA[i], None if out.pN is None else out.pN[i])
             jobs += [lambda i=i: part(i) for i in range(NUM_PARTS)]
         if pool is None or len(jobs) == 1:
             for job in jobs:
@@ -281,7 +289,7 @@ class BlockKernel:
         self._pool: ThreadPoolExecutor | None = None
 
     def _new_scratch(self) -> dict[str, torch.Tensor]:
-        s = {k: torch.empty(self.tm, self.tn) for k in ("dg", "rg", "num", "tmp", "r", "den", "out")}
+        s = {k: torch.empty(self.tm, self.tn) for k in ("dg", "rg", "num", "tmp", "r", "den", "out", "floor")}
         if self.bf16:
             s["t16"] = torch.empty(self.tm, self.tn, dtype=torch.bfloat16)
         return s
@@ -336,7 +344,18 @@ class BlockKernel:
             torch.clamp_min(tmp, _FLT_MIN, out=r)
             r.rsqrt_()
             tmp.clamp_min_(0)
-            if i == 0:                         # num = sum_i w_p,i w_q,i ||f_p,i - f_q,i||
+            if spec.part_root:
+                # tmp = sqrt(tmp) = (w_p w_q)^2 ||x - y||, floored as the authors' euclidean_dist
+                # floors ||x - y||^2 at 1e-12 (so ||x - y|| >= 1e-6); the sum below takes the second root.
+                tmp.mul_(r)
+                floor = s["floor"]
+                torch.mm(q.w[rs, i:i + 1], g.w[cs, i:i + 1].T, out=floor)
+                floor.mul_(floor)
+                floor.mul_(_ROOT_FLOOR)
+                torch.maximum(tmp, floor, out=tmp)
+                torch.clamp_min(tmp, _FLT_MIN, out=r)
+                r.rsqrt_()
+            if i == 0:                         # num = sum_i w_p,i w_q,i d(f_p,i, f_q,i)
                 torch.mul(tmp, r, out=num)
             else:
                 num.addcmul_(tmp, r)
@@ -348,6 +367,8 @@ class BlockKernel:
             torch.div(num, den, out=out)
             return
         num.div_(den)
+        if spec.local_sq:
+            num.mul_(num)
         if self.lam != 1.0:
             num.mul_(self.lam)
         if spec.squared:

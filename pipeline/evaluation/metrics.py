@@ -27,6 +27,14 @@ the sorted positives with one vectorised ``searchsorted`` and counted with a
 it}``. :class:`BlockRanker` does this counting; :func:`rank_metrics` (dense matrix)
 and :mod:`pipeline.evaluation.streaming` (distances computed block by block) both
 use it, so they agree exactly on the same distance values.
+
+**Positive subsets without re-ranking.** Removing some positives as junk changes no
+negative's position, so a kept positive's rank in the reduced ranking is ``(its index
+among the kept positives by distance) + 1 + (negatives ranked before it)``. With
+``keep_positives=True`` an evaluation also returns a :class:`PositiveTable` (query
+index, gallery index, negatives before, one row per valid positive; O(#positives)
+memory) and :func:`subset_metrics` scores any subset of its rows exactly, e.g. the
+cross-view bins of :mod:`pipeline.evaluation.crossview`.
 """
 from __future__ import annotations
 
@@ -39,11 +47,35 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["RankMetrics", "BlockRanker", "TileCounter", "MetricAccumulator", "rank_metrics",
-           "encode_ids", "encode_cams"]
+__all__ = ["RankMetrics", "PositiveTable", "BlockRanker", "TileCounter", "MetricAccumulator", "rank_metrics",
+           "subset_metrics", "encode_ids", "encode_cams"]
 
 # A per-row sentinel key bigger than any value index (indices are < 2**32 - 1).
 _SENTINEL = (1 << 32) - 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PositiveTable:
+    """Every valid positive of an evaluation, one row each (junk and skipped queries have none).
+
+    query:            (P,) int64 query index (input order)
+    gallery:          (P,) int64 gallery index (input order)
+    negatives_before: (P,) int64 negatives ranked before this positive (tie rule included)
+
+    Rows are sorted by (query, negatives_before, gallery). The positive's 1-based rank
+    is its index among the query's rows + 1 + ``negatives_before``; the same holds inside
+    any subset of the rows (see :func:`subset_metrics`).
+    """
+    query: np.ndarray
+    gallery: np.ndarray
+    negatives_before: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.query.shape[0])
+
+    def same_as(self, other: PositiveTable) -> bool:
+        return (np.array_equal(self.query, other.query) and np.array_equal(self.gallery, other.gallery)
+                and np.array_equal(self.negatives_before, other.negatives_before))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,6 +88,7 @@ class RankMetrics:
     num_skipped:  queries without a valid positive (not in the averages)
     ap, inp:      (Q,) float64 per query in input order, NaN for skipped queries
     first_rank:   (Q,) int64 1-based rank of the first positive, 0 for skipped queries
+    positives:    :class:`PositiveTable` when the evaluation was asked to keep it, else None
     """
     mAP: float
     mINP: float
@@ -65,6 +98,7 @@ class RankMetrics:
     ap: np.ndarray
     inp: np.ndarray
     first_rank: np.ndarray
+    positives: PositiveTable | None = None
 
     def rank(self, k: int) -> float:
         """Rank-k accuracy (CMC at k, 1-based)."""
@@ -83,13 +117,16 @@ class RankMetrics:
         return out
 
     def same_as(self, other: RankMetrics) -> bool:
-        """Bitwise equality of every metric and per-query value (NaN equal to NaN)."""
+        """Bitwise equality of every metric and per-query value (NaN equal to NaN), and of the
+        positive tables when both results kept one."""
+        tables = (self.positives is None or other.positives is None
+                  or self.positives.same_as(other.positives))
         return (self.num_queries == other.num_queries and self.num_skipped == other.num_skipped
                 and _eq(self.mAP, other.mAP) and _eq(self.mINP, other.mINP)
                 and np.array_equal(self.cmc, other.cmc, equal_nan=True)
                 and np.array_equal(self.ap, other.ap, equal_nan=True)
                 and np.array_equal(self.inp, other.inp, equal_nan=True)
-                and np.array_equal(self.first_rank, other.first_rank))
+                and np.array_equal(self.first_rank, other.first_rank) and tables)
 
 
 def _eq(a: float, b: float) -> bool:
@@ -166,9 +203,15 @@ class BlockRanker:
     row) gives every candidate's bucket: the number of the row's positives strictly
     below it. A negative in bucket ``b`` is ranked before positives ``b, b+1, ...``
     (so on a tie it goes first: the documented tie rule).
+
+    With ``pos_cols`` (the gallery index of each positive) :meth:`positives` also gives,
+    per positive, its row, gallery index and the number of negatives ranked before it.
+    Positives tied with each other share a key and the same count, so which of them
+    lands in which slot does not matter.
     """
 
-    def __init__(self, n_rows: int, pos_rows: torch.Tensor, pos_vals: torch.Tensor) -> None:
+    def __init__(self, n_rows: int, pos_rows: torch.Tensor, pos_vals: torch.Tensor,
+                 pos_cols: torch.Tensor | None = None) -> None:
         if n_rows >= (1 << 31):
             raise ValueError(f"too many rows in one block: {n_rows}")
         device = pos_vals.device
@@ -177,7 +220,16 @@ class BlockRanker:
         self.u = torch.sort(pos_vals).values
         keys = (pos_rows << 32) | torch.searchsorted(self.u, pos_vals)
         sentinels = (torch.arange(self.n, device=device, dtype=torch.int64) << 32) | _SENTINEL
-        self.keys = torch.sort(torch.cat([keys, sentinels])).values
+        if pos_cols is None:
+            self.keys = torch.sort(torch.cat([keys, sentinels])).values
+            self._slot_cols: torch.Tensor | None = None
+        else:
+            if pos_cols.shape != pos_rows.shape:
+                raise ValueError(f"pos_cols: expected shape {tuple(pos_rows.shape)}, got {tuple(pos_cols.shape)}")
+            self.keys, order = torch.sort(torch.cat([keys, sentinels]), stable=True)
+            cols = torch.cat([pos_cols.to(device=device, dtype=torch.int64),
+                              torch.full((self.n,), -1, dtype=torch.int64, device=device)])
+            self._slot_cols = cols[order]            # gallery index per slot, -1 for sentinels
         self.npos = torch.bincount(pos_rows, minlength=self.n)
         seg_len = self.npos + 1
         self.seg_start = torch.cumsum(seg_len, 0) - seg_len
@@ -259,9 +311,8 @@ class BlockRanker:
             self.hist += torch.bincount(bucket.view(-1), minlength=dump + 1)[:dump]
             self.num_candidates += int(bucket.numel())
 
-    def finalize(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per row: (AP float64, INP float64, first rank int64); NaN/NaN/0 without positives."""
-        n = self.n
+    def _positive_slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, index among the row's positives, slot, negatives before) of every positive."""
         cum = torch.cumsum(self.hist, 0)
         slot = torch.arange(self.keys.numel(), device=self.keys.device)
         row = self.keys >> 32
@@ -269,7 +320,20 @@ class BlockRanker:
         is_pos = local < self.npos[row]
         base = cum[self.seg_start] - self.hist[self.seg_start]  # negatives counted before row
         row, local, slot = row[is_pos], local[is_pos], slot[is_pos]
-        rank = local + 1 + (cum[slot] - base[row])               # 1-based, int64
+        return row, local, slot, cum[slot] - base[row]
+
+    def positives(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per positive: (row, gallery index, negatives ranked before it), int64; needs ``pos_cols``."""
+        if self._slot_cols is None:
+            raise ValueError("BlockRanker.positives: the ranker was built without pos_cols")
+        row, _, slot, before = self._positive_slots()
+        return row.cpu().numpy(), self._slot_cols[slot].cpu().numpy(), before.cpu().numpy()
+
+    def finalize(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: (AP float64, INP float64, first rank int64); NaN/NaN/0 without positives."""
+        n = self.n
+        row, local, slot, before = self._positive_slots()
+        rank = local + 1 + before                                # 1-based, int64
         prec = (local + 1).to(torch.float64) / rank.to(torch.float64)
         npos = self.npos.to(torch.float64)
         ap = torch.zeros(n, dtype=torch.float64, device=prec.device).index_add_(0, row, prec)
@@ -378,33 +442,85 @@ class TileCounter:
 
 
 class MetricAccumulator:
-    """Collects per-query results (in input order) and averages them into :class:`RankMetrics`."""
+    """Collects per-query results (in input order) and averages them into :class:`RankMetrics`.
 
-    def __init__(self, num_queries: int, max_rank: int) -> None:
+    With ``keep_positives`` each :meth:`put` also takes the block's positives (row within
+    ``query_index``, gallery index, negatives before) and the result carries a
+    :class:`PositiveTable`.
+    """
+
+    def __init__(self, num_queries: int, max_rank: int, keep_positives: bool = False) -> None:
         if int(max_rank) < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         self.max_rank = int(max_rank)
         self.ap = np.full(num_queries, np.nan)
         self.inp = np.full(num_queries, np.nan)
         self.first = np.zeros(num_queries, dtype=np.int64)
+        self.keep_positives = bool(keep_positives)
+        self._positives: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def put(self, query_index: np.ndarray, ap: np.ndarray, inp: np.ndarray, first: np.ndarray) -> None:
+    def put(self, query_index: np.ndarray, ap: np.ndarray, inp: np.ndarray, first: np.ndarray,
+            positives: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        query_index = np.asarray(query_index)
         self.ap[query_index] = ap
         self.inp[query_index] = inp
         self.first[query_index] = first
+        if self.keep_positives and positives is not None:
+            rows, cols, before = positives
+            self._positives.append((query_index[rows], cols, before))
+
+    def table(self) -> PositiveTable | None:
+        """The positives put so far, sorted by (query, negatives before, gallery); None if not kept."""
+        if not self.keep_positives:
+            return None
+        parts = self._positives or [(np.zeros(0, np.int64),) * 3]
+        q, g, b = (np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3))
+        order = np.lexsort((g, b, q))
+        return PositiveTable(q[order], g[order], b[order])
 
     def result(self) -> RankMetrics:
         valid = self.first > 0
         nq = int(valid.sum())
+        table = self.table()
         if nq == 0:
             cmc = np.full(self.max_rank, np.nan)
             return RankMetrics(float("nan"), float("nan"), cmc, 0, len(self.first),
-                               self.ap, self.inp, self.first)
+                               self.ap, self.inp, self.first, table)
         hits = np.bincount(np.minimum(self.first[valid], self.max_rank + 1) - 1,
                            minlength=self.max_rank + 1)[: self.max_rank]
         cmc = np.cumsum(hits) / nq
         return RankMetrics(float(self.ap[valid].mean()), float(self.inp[valid].mean()), cmc,
-                           nq, len(self.first) - nq, self.ap, self.inp, self.first)
+                           nq, len(self.first) - nq, self.ap, self.inp, self.first, table)
+
+
+def subset_metrics(table: PositiveTable, keep: np.ndarray, num_queries: int, max_rank: int = 50) -> RankMetrics:
+    """Exact metrics when only the positives ``table[keep]`` count and every other positive is junk.
+
+    ``keep`` is a (P,) bool mask over the table's rows. A query is evaluated if it keeps at
+    least one positive; the rest are skipped. The negatives (and the original junk rule)
+    are those of the evaluation that produced ``table``: removing positives moves no
+    negative, so each kept positive's rank is its index among the query's kept positives
+    + 1 + its ``negatives_before``. The result has no positive table of its own.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (len(table),):
+        raise ValueError(f"subset_metrics: keep must have shape ({len(table)},), got {keep.shape}")
+    q, before = table.query[keep], table.negatives_before[keep]
+    acc = MetricAccumulator(int(num_queries), max_rank)
+    if q.size == 0:
+        return acc.result()
+    # the table is sorted by (query, negatives before): a subset keeps that order
+    start = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+    count = np.diff(np.r_[start, q.size])
+    local = np.arange(q.size) - np.repeat(start, count)
+    rank = local + 1 + before
+    prec = (local + 1) / rank
+    queries = q[start]
+    ap = np.add.reduceat(prec, start) / count
+    first = rank[start]
+    last = rank[start + count - 1]
+    acc.put(queries, ap, count / last, first)
+    return acc.result()
 
 
 def _distmat_tensor(distmat: Any) -> torch.Tensor:
@@ -428,7 +544,8 @@ def _distmat_tensor(distmat: Any) -> torch.Tensor:
 
 
 def rank_metrics(distmat: Any, q_ids: Any, g_ids: Any, q_cams: Any = None, g_cams: Any = None, *,
-                 remove_junk: bool = True, max_rank: int = 50, row_block: int = 256) -> RankMetrics:
+                 remove_junk: bool = True, max_rank: int = 50, row_block: int = 256,
+                 keep_positives: bool = False) -> RankMetrics:
     """mAP / CMC / mINP of a dense (Q, G) distance matrix (smaller = more similar).
 
     distmat: (Q, G) numpy array or torch tensor, any real dtype, no NaN (+-inf allowed)
@@ -436,6 +553,7 @@ def rank_metrics(distmat: Any, q_ids: Any, g_ids: Any, q_cams: Any = None, g_cam
     remove_junk: drop gallery entries with the query's id and camera (see module doc)
     max_rank: length of the returned CMC curve
     row_block: queries processed together (memory O(row_block * G))
+    keep_positives: also return the :class:`PositiveTable` (for :func:`subset_metrics`)
 
     Exact, with the module's tie rule (negatives before positives on equal distance);
     rows are never sorted, only each query's positives.
@@ -444,7 +562,7 @@ def rank_metrics(distmat: Any, q_ids: Any, g_ids: Any, q_cams: Any = None, g_cam
     nq, ng = d.shape
     qc, gc = encode_ids(q_ids, g_ids, nq, ng)
     cams = encode_cams(q_cams, g_cams, nq, ng) if remove_junk else None
-    acc = MetricAccumulator(nq, max_rank)
+    acc = MetricAccumulator(nq, max_rank, keep_positives)
     if int(row_block) < 1:
         raise ValueError(f"row_block must be >= 1, got {row_block}")
     for r0 in range(0, nq, int(row_block)):
@@ -455,7 +573,7 @@ def rank_metrics(distmat: Any, q_ids: Any, g_ids: Any, q_cams: Any = None, g_cam
             pos &= ~((cams[0][r0:r1, None] == cams[1][None, :]) & (cams[0][r0:r1, None] >= 0))
         rows, cols = np.nonzero(pos)
         rows_t, cols_t = torch.from_numpy(rows), torch.from_numpy(cols)
-        ranker = BlockRanker(r1 - r0, rows_t, block[rows_t, cols_t])
+        ranker = BlockRanker(r1 - r0, rows_t, block[rows_t, cols_t], cols_t if keep_positives else None)
         ranker.add_block(block, qc[r0:r1], gc)
-        acc.put(np.arange(r0, r1), *ranker.finalize())
+        acc.put(np.arange(r0, r1), *ranker.finalize(), ranker.positives() if keep_positives else None)
     return acc.result()

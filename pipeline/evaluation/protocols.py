@@ -14,7 +14,10 @@
 
 Every protocol returns a :class:`ProtocolResult` and evaluates with the exact
 streaming evaluator (``**kwargs`` go to :class:`~pipeline.evaluation.streaming.StreamingEvaluator`,
-e.g. ``q_block``, ``g_block``, ``matmul_dtype``, ``rerank``).
+e.g. ``q_block``, ``g_block``, ``matmul_dtype``, ``rerank``, ``keep_positives``). The
+result records, per run, which input images were its queries and its gallery
+(``query_index``, ``gallery_index``), so per-query values can be joined back to keys,
+ids and views (:mod:`pipeline.evaluation.report`).
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ class ProtocolResult:
     runs:        one :class:`RankMetrics` per repeat (one for single-split protocols)
     mean, std:   over runs, for mAP, mINP, rank1/5/10, num_queries, num_skipped
     cmc_mean, cmc_std: (max_rank,) CMC curve over runs
+    query_index, gallery_index: per run, the indices of its query / gallery images in the
+                 protocol's input (``query`` / ``gallery``, or ``test`` for VehicleID)
     """
     protocol: str
     description: str
@@ -55,6 +60,8 @@ class ProtocolResult:
     std: dict[str, float]
     cmc_mean: np.ndarray
     cmc_std: np.ndarray
+    query_index: list[np.ndarray] = dataclasses.field(default_factory=list)
+    gallery_index: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     @property
     def metrics(self) -> RankMetrics:
@@ -71,14 +78,19 @@ class ProtocolResult:
         return out
 
 
-def _result(protocol: str, description: str, remove_junk: bool, runs: list[RankMetrics]) -> ProtocolResult:
+def _result(protocol: str, description: str, remove_junk: bool, runs: list[RankMetrics],
+            query_index: list[np.ndarray], gallery_index: list[np.ndarray]) -> ProtocolResult:
     rows = [r.summary(_SUMMARY_RANKS) for r in runs]
     keys = list(rows[0])
     mean = {k: float(np.mean([r.get(k, np.nan) for r in rows])) for k in keys}
     std = {k: float(np.std([r.get(k, np.nan) for r in rows])) for k in keys}
     cmcs = np.stack([r.cmc for r in runs])
     return ProtocolResult(protocol, description, remove_junk, runs, mean, std,
-                          cmcs.mean(axis=0), cmcs.std(axis=0))
+                          cmcs.mean(axis=0), cmcs.std(axis=0), query_index, gallery_index)
+
+
+def _whole(query: FeatureSet, gallery: FeatureSet) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return [np.arange(len(query))], [np.arange(len(gallery))]
 
 
 def evaluate_veri776(query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec = DistanceSpec(),
@@ -86,7 +98,8 @@ def evaluate_veri776(query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec 
     """VeRi-776: 1,678 queries vs 11,579 gallery images, same-id same-camera images removed."""
     m = evaluate(query, gallery, spec, remove_junk=True, **kwargs)
     return _result("veri776", f"VeRi-776 protocol: {len(query)} queries vs {len(gallery)} gallery images, "
-                   "gallery images with the query's id and camera removed (junk)", True, [m])
+                   "gallery images with the query's id and camera removed (junk)", True, [m],
+                   *_whole(query, gallery))
 
 
 def evaluate_synthetic(query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec = DistanceSpec(),
@@ -94,7 +107,8 @@ def evaluate_synthetic(query: FeatureSet, gallery: FeatureSet, spec: DistanceSpe
     """The synthetic set (VeRi-776 layout and rules)."""
     m = evaluate(query, gallery, spec, remove_junk=True, **kwargs)
     return _result("synthetic", f"synthetic set, VeRi-776 rules: {len(query)} queries vs {len(gallery)} "
-                   "gallery images, same-id same-camera gallery images removed (junk)", True, [m])
+                   "gallery images, same-id same-camera gallery images removed (junk)", True, [m],
+                   *_whole(query, gallery))
 
 
 def evaluate_veriwild(query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec = DistanceSpec(), *,
@@ -114,7 +128,7 @@ def evaluate_veriwild(query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec
             else "same-camera images kept (as the paper)")
     name = "veriwild" + (f"-{subset}" if subset else "")
     return _result(name, f"VERI-Wild {subset or ''} protocol: {size}, {rule}".replace("  ", " "),
-                   remove_junk, [m])
+                   remove_junk, [m], *_whole(query, gallery))
 
 
 def vehicleid_split(ids: Any, seed: int, repeat: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -139,14 +153,16 @@ def evaluate_vehicleid(test: FeatureSet, spec: DistanceSpec = DistanceSpec(), *,
     """VehicleID on one test list (e.g. 800/1,600/2,400 ids): ``repeats`` seeded gallery draws."""
     if int(repeats) < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    runs = []
+    runs, queries, galleries = [], [], []
     for r in range(int(repeats)):
         qi, gi = vehicleid_split(test.ids, seed, r)
         runs.append(evaluate(test.subset(qi), test.subset(gi), spec, remove_junk=False, **kwargs))
+        queries.append(qi)
+        galleries.append(gi)
     n_ids = len(np.unique(np.asarray(test.ids)))
     return _result("vehicleid", f"VehicleID protocol: {len(test)} images of {n_ids} ids, one random image "
                    f"per id in the gallery, the rest queries, {repeats} draws (seed {seed}), no cameras "
-                   "(nothing is junk); mean and std over draws", False, runs)
+                   "(nothing is junk); mean and std over draws", False, runs, queries, galleries)
 
 
 def evaluate_protocol(name: str, spec: DistanceSpec = DistanceSpec(), *, query: FeatureSet | None = None,

@@ -48,14 +48,17 @@ def _pairs_torch(q: FeatureSet, a: torch.Tensor, g: FeatureSet, b: torch.Tensor,
         if spec.mode == "global":
             return dg
         total = dg
-    dp = (prep(as_tensor("part_feats", q.part_feats)[a])
-          - prep(as_tensor("part_feats", g.part_feats)[b])).pow(2).sum(-1).sqrt()   # (n, 4)
-    w = ((as_tensor("visibility", q.visibility)[a].double() + spec.vis_offset)
-         * (as_tensor("visibility", g.visibility)[b].double() + spec.vis_offset))
+    sq = (prep(as_tensor("part_feats", q.part_feats)[a])
+          - prep(as_tensor("part_feats", g.part_feats)[b])).pow(2).sum(-1)          # (n, 4)
+    # sqrt_euclidean: the authors clamp the squared distance at 1e-12 before their two roots
+    dp = sq.clamp_min(1e-12).sqrt().sqrt() if spec.part_root else sq.sqrt()
+    vq = as_tensor("visibility", q.visibility)[a].double() + spec.vis_offset
+    vg = as_tensor("visibility", g.visibility)[b].double() + spec.vis_offset
+    w = torch.ones_like(vq) if spec.uniform else vq * vg
     den = w.sum(-1)
     dl = torch.where(den > 0, (w * dp).sum(-1) / torch.where(den > 0, den, 1.0), 0.0)
     if spec.mode == "local":
         return dl
-    return total + spec.lam_value * dl
+    return total + spec.lam_value * (dl * dl if spec.local_sq else dl)
 
 

@@ -1,20 +1,24 @@
 """Which distance ranks the gallery: :class:`DistanceSpec` (docs/method.md §3, §5).
 
-PVEN's distance between images p and q (eq. 3-4)::
+PVEN's distance between images p and q (eq. 3-4), with per-part distance d::
 
-    a_i(p, q) = v_i^p v_i^q / sum_j v_j^p v_j^q
-    D_l(p, q) = sum_i a_i(p, q) * ||f_i^p - f_i^q||         (0 if no part is visible in both)
-    D(p, q)   = D_g(p, q) + lam * D_l(p, q)
+    a_i(p, q) = (v_i^p + o)(v_i^q + o) / sum_j (v_j^p + o)(v_j^q + o)    (o: visibility offset)
+    D_l(p, q) = sum_i a_i(p, q) * d(f_i^p, f_i^q)          (0 if no part is visible in both)
+    D(p, q)   = D_g(p, q)[^2] + lam * D_l(p, q)[^2]
 
-Variants:
+Variants (``pipeline.constants.VARIANT_DEFAULTS``):
 
-* ``paper`` (default): raw features, ``D_g = ||g^p - g^q||`` (Euclidean), ``lam = 1``.
-* ``official``: what the project implements of the authors' evaluation
-  (``Clck_R1_mAP`` / ``clck_dist`` in their ``examples/parsing_reid/math_tools.py``):
-  visibilities ``v + 1``, global and part features L2-normalised, the plain
-  Euclidean distance per part, ``D_g`` left *squared* and ``D = D_g + 0.5 * D_l``.
-  docs/method.md §3 lists where this still differs from their code. Each piece can
-  be overridden: ``lam``, ``global_squared``, ``normalize``.
+* ``paper`` (default): raw features, ``d = ||x - y||``, ``o = 0``,
+  ``D = ||g^p - g^q|| + 1.0 * D_l``.
+* ``official``: the authors' evaluation, ``Clck_R1_mAP.compute`` and ``clck_dist`` in
+  their ``examples/parsing_reid/math_tools.py`` (silverbulletmdc/PVEN 0b2e1a8): global
+  and part features L2-normalised over channels (``feat_norm``), ``o = 1``,
+  ``d = sqrt(||x - y||)`` (their ``euclidean_dist`` returns the Euclidean distance and
+  ``clck_dist`` takes ``.sqrt()`` of it), ``D = ||g^p - g^q||^2 + 0.5 * D_l^2``
+  (``distmat + self.lambda_ * (local_distmat ** 2)``).
+
+Each piece can be overridden on its own (None: the variant's value). ``attention``
+``uniform`` replaces eq. 3 by ``a_i = 1/4`` (plain averaging over the parts, an ablation).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import dataclasses
 
 import numpy as np
 
-from pipeline.constants import VARIANTS
+from pipeline.constants import ATTENTIONS, PART_DISTANCES, VARIANT_DEFAULTS, VARIANTS
 
 __all__ = ["MODES", "DistanceSpec"]
 
@@ -33,17 +37,28 @@ MODES = ("global", "local", "pven")
 class DistanceSpec:
     """Which distance ranks the gallery.
 
-    mode:     ``global`` (D_g), ``local`` (D_l) or ``pven`` (D_g + lam * D_l)
-    variant:  ``paper`` or ``official`` (see module doc)
-    lam:      weight of D_l in ``pven`` mode; None: 1.0 (paper) / 0.5 (official)
-    global_squared: rank on squared D_g; None: False (paper) / True (official)
-    normalize: L2-normalise global and part features; None: False (paper) / True (official)
+    mode:           ``global`` (D_g), ``local`` (D_l) or ``pven`` (D_g + lam * D_l)
+    variant:        ``paper`` or ``official`` (see module doc)
+    lam:            weight of D_l in ``pven`` mode
+    global_squared: rank on the squared D_g
+    normalize:      L2-normalise global and part features over channels
+    local_squared:  add lam * D_l^2 instead of lam * D_l (``pven`` mode; ``local`` ranks alike)
+    part_distance:  ``euclidean`` or ``sqrt_euclidean`` per part
+    visibility_offset: o added to every visibility (pooling and attention; the model adds
+                    it to its pooling divisor, the distance to the attention weights)
+    attention:      ``common_visible`` (eq. 3) or ``uniform`` (a_i = 1/4)
+
+    None (the default of every field from ``lam`` to ``visibility_offset``) takes the variant's value.
     """
     mode: str = "pven"
     variant: str = "paper"
     lam: float | None = None
     global_squared: bool | None = None
     normalize: bool | None = None
+    local_squared: bool | None = None
+    part_distance: str | None = None
+    visibility_offset: float | None = None
+    attention: str = "common_visible"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -52,6 +67,17 @@ class DistanceSpec:
             raise ValueError(f"DistanceSpec.variant={self.variant!r}: expected one of {VARIANTS}")
         if self.lam is not None and not (np.isfinite(self.lam) and self.lam >= 0):
             raise ValueError(f"DistanceSpec.lam={self.lam!r}: expected a finite number >= 0")
+        if self.part_distance is not None and self.part_distance not in PART_DISTANCES:
+            raise ValueError(f"DistanceSpec.part_distance={self.part_distance!r}: expected one of {PART_DISTANCES}")
+        if self.visibility_offset is not None and not (np.isfinite(self.visibility_offset)
+                                                       and self.visibility_offset >= 0):
+            raise ValueError(f"DistanceSpec.visibility_offset={self.visibility_offset!r}: expected a number >= 0")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"DistanceSpec.attention={self.attention!r}: expected one of {ATTENTIONS}")
+
+    def _get(self, name: str, default_key: str | None = None):
+        value = getattr(self, name)
+        return VARIANT_DEFAULTS[self.variant][default_key or name] if value is None else value
 
     @property
     def official(self) -> bool:
@@ -59,19 +85,34 @@ class DistanceSpec:
 
     @property
     def lam_value(self) -> float:
-        return float(self.lam) if self.lam is not None else (0.5 if self.official else 1.0)
+        return float(self._get("lam"))
 
     @property
     def squared(self) -> bool:
-        return self.global_squared if self.global_squared is not None else self.official
+        """D_g enters squared."""
+        return bool(self._get("global_squared"))
+
+    @property
+    def local_sq(self) -> bool:
+        """D_l enters squared (``pven`` mode)."""
+        return bool(self._get("local_squared"))
 
     @property
     def l2norm(self) -> bool:
-        return self.normalize if self.normalize is not None else self.official
+        return bool(self._get("normalize"))
+
+    @property
+    def part_root(self) -> bool:
+        """The per-part distance is sqrt(||x - y||) (``sqrt_euclidean``)."""
+        return self._get("part_distance") == "sqrt_euclidean"
 
     @property
     def vis_offset(self) -> float:
-        return 1.0 if self.official else 0.0
+        return float(self._get("visibility_offset", "vis_offset"))
+
+    @property
+    def uniform(self) -> bool:
+        return self.attention == "uniform"
 
     @property
     def uses_global(self) -> bool:

@@ -29,6 +29,10 @@ ids of a block of id-sorted queries form one contiguous *range*. Per query block
    of the few survivors among the positives.
 
 Queries whose id has no gallery image are skipped without computing anything.
+With ``keep_positives=True`` the result also carries the
+:class:`~pipeline.evaluation.metrics.PositiveTable` (every positive's query, gallery
+index and negatives ranked before it: O(#positives) more memory), from which
+:func:`~pipeline.evaluation.metrics.subset_metrics` scores positive subsets exactly.
 Optional ``matmul_dtype=torch.bfloat16`` runs the GEMMs' cross terms in bfloat16
 (faster on CPUs with AVX512-BF16/AMX; distances change by ~1e-2, so metrics may too).
 """
@@ -75,6 +79,7 @@ class StreamingEvaluator:
     rerank:         optional :class:`~pipeline.evaluation.rerank.RerankConfig`: rank by
                     k-reciprocal re-ranked distances (still streamed and exact)
     provider:       optional distance provider replacing the tiled kernel
+    keep_positives: also return the per-positive table (``RankMetrics.positives``)
 
     The query layouts of all blocks are kept (Q x (feature dims + 10) floats); the
     gallery is streamed once in g_block chunks, each laid out once. While it runs,
@@ -91,8 +96,9 @@ class StreamingEvaluator:
                  remove_junk: bool = True, max_rank: int = 50, q_block: int = 1024, g_block: int = 8192,
                  range_cap: int | None = None, matmul_dtype: torch.dtype | None = None,
                  tile: tuple[int, int] = DEFAULT_TILE, rerank: RerankConfig | None = None,
-                 provider: DistanceProvider | None = None) -> None:
+                 provider: DistanceProvider | None = None, keep_positives: bool = False) -> None:
         self.query, self.gallery, self.spec = query, gallery, spec
+        self.keep_positives = bool(keep_positives)
         self.remove_junk, self.max_rank = bool(remove_junk), int(max_rank)
         if self.max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
@@ -122,9 +128,10 @@ class StreamingEvaluator:
         counting0 = self.provider.counting_seconds
         qcode, gcode = encode_ids(self.query.ids, self.gallery.ids, nq, ng)
         cams = encode_cams(self.query.cams, self.gallery.cams, nq, ng) if self.remove_junk else None
-        acc = MetricAccumulator(nq, self.max_rank)
+        acc = MetricAccumulator(nq, self.max_rank, self.keep_positives)
 
         g_perm = np.argsort(gcode, kind="stable")
+        self._g_perm = g_perm
         gcode_s = gcode[g_perm]
         self._gcode_s = gcode_s
         self._gcam_s = cams[1][g_perm] if cams is not None else None
@@ -153,7 +160,7 @@ class StreamingEvaluator:
             if bool(blk.ranker.has_positive.any()):
                 blocks.append(blk)
             else:                                   # every query of the block is junk-only
-                acc.put(rows, *blk.ranker.finalize())
+                acc.put(rows, *self._finalize(blk.ranker))
 
         # Stream the gallery once; each chunk is laid out once and met by every block,
         # skipping the columns of the block's own id range (counted above).
@@ -172,7 +179,7 @@ class StreamingEvaluator:
                     self._count(blk, gh, a - c0, b - c0)
         n_cand = 0
         for blk in blocks:
-            acc.put(blk.rows, *blk.ranker.finalize())
+            acc.put(blk.rows, *self._finalize(blk.ranker))
             n_cand += blk.ranker.num_candidates
         t_all = time.perf_counter() - t_start
         # counting fused into the distance workers is ranking work: move its share over
@@ -184,6 +191,10 @@ class StreamingEvaluator:
                       "candidates": n_cand, "ranges_recomputed": n_recomputed,
                       "queries_without_gallery_id": int(nq - len(q_rows))}
         return acc.result()
+
+    def _finalize(self, ranker: BlockRanker) -> tuple:
+        """The ranker's per-row metrics, plus its positives when they are kept."""
+        return (*ranker.finalize(), ranker.positives() if self.keep_positives else None)
 
     def _count(self, blk: _QueryBlock, gh: Any, c0: int, c1: int) -> None:
         """Negatives of gallery rows c0:c1 (all other ids) for the block's queries."""
@@ -211,7 +222,7 @@ class StreamingEvaluator:
             qc = blk.cams[p_row]
             keep_pos = ~((qc == self._gcam_s[p_pos]) & (qc >= 0))
             p_row, p_pos = p_row[keep_pos], p_pos[keep_pos]
-        pos_rows, pos_vals = [], []
+        pos_rows, pos_vals, pos_cols = [], [], []
         for s in range(rs, re, self.g_block):
             e = min(re, s + self.g_block)
             t0 = time.perf_counter()
@@ -226,9 +237,12 @@ class StreamingEvaluator:
             r, c = torch.from_numpy(p_row[sel]), torch.from_numpy(p_pos[sel] - s)
             pos_rows.append(r)
             pos_vals.append(d[r, c])
+            if self.keep_positives:                 # original gallery indices
+                pos_cols.append(torch.from_numpy(self._g_perm[p_pos[sel]]))
             if keep:
                 kept.append((s, e, d))
-        blk.ranker = BlockRanker(len(blk.rows), torch.cat(pos_rows), torch.cat(pos_vals))
+        blk.ranker = BlockRanker(len(blk.rows), torch.cat(pos_rows), torch.cat(pos_vals),
+                                 torch.cat(pos_cols) if self.keep_positives else None)
         if not bool(blk.ranker.has_positive.any()):
             return 0
         if keep:

@@ -4,8 +4,11 @@
 for each input shard, an output shard of the same name in ``out_dir`` holding the same
 samples in the same order: the same ``jpg`` bytes, the ``json`` meta plus
 ``"mask_source": "parser"``, and ``mask.png``, the *predicted* uint8 label map (0..4) at
-the image's resolution or at ``mask_size`` (height, width). Ground-truth masks are never
-copied (ReID stages must not see them); where one exists it only scores the prediction.
+the image's resolution or at ``mask_size`` (height, width). Ground-truth masks are not
+copied (ReID stages see what the parser sees); where one exists it only scores the
+prediction. The one exception is the ablation ``source="labels"`` (``masks.source``):
+every sample's own label map is written instead (``"mask_source": "labels"``), which
+isolates the parser's contribution; a sample without a label is then an error.
 
 Distribution: rank r of N takes input shards r, r+N, ... of the list of all shards
 (splits in manifest order; :meth:`DistInfo.share`); rank 0 writes the merged ``manifest.json`` (the
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import atomic
+from pipeline.cli import InputError
 from pipeline.data.shards import (
     MANIFEST,
     decode_failure,
@@ -49,7 +53,11 @@ from pipeline.parsing.metrics import MaskStats, confusion_matrix
 from pipeline.parsing.model import load_checkpoint, logit_bias, to_input
 from pipeline.progress import progress
 
-MASK_SOURCE = "parser"
+MASK_SOURCES = ("parser", "labels")
+
+
+class MissingLabelError(InputError):
+    """``masks.source: labels`` met a sample without a label map."""
 
 
 # --------------------------------------------------------------------------- inference
@@ -157,13 +165,17 @@ def _peek(iterator: Iterator):
 def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: str | Path, *,
                         batch_size: int = 32, mask_size: tuple[int, int] | None = None,
                         num_workers: int = 0, info: DistInfo = SINGLE,
-                        show_progress: bool = False) -> dict[str, Any] | None:
+                        show_progress: bool = False, source: str = "parser") -> dict[str, Any] | None:
     """Predict masks for every sample of ``shard_dir`` into ``out_dir`` (see module docstring).
+
+    ``source`` 'parser' (the pipeline) or 'labels' (each sample's own label map, an ablation).
 
     Every rank must call this (it synchronises through torch.distributed when
     ``info.world_size`` > 1); the model runs on ``info.device``. Returns, on rank 0,
     ``{"manifest", "metrics"}``; None elsewhere.
     """
+    if source not in MASK_SOURCES:
+        raise ValueError(f"masks.source: got {source!r}, expected one of {MASK_SOURCES}")
     device = info.device
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     shards = _all_shards(shard_dir)
@@ -193,7 +205,8 @@ def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: 
             # The loader yields whole batches in order and a batch never spans shards,
             # so shard i's samples are exactly the batches until the shard index changes.
             while peek() is not None and items[peek()[0]["index"]].shard == i:
-                yield from _masked_batch(take(), model, bias, device, mask_size, split, name, stats, skipped, seen)
+                yield from _masked_batch(take(), model, bias, device, mask_size, split, name, stats, skipped, seen,
+                                         source)
         written.append({"split": split, **write_tar(staging / name, samples())})
     seconds = time.time() - started
     local = {"written": written, "stats": stats, "skipped": skipped, "seconds": seconds, "ids": ids}
@@ -202,30 +215,42 @@ def write_masked_shards(shard_dir: str | Path, out_dir: str | Path, checkpoint: 
     if not info.is_main:
         barrier(info)
         return None
-    result = _finish(shard_dir, staging, out_dir, shards, gathered, config, mask_size, checkpoint)
+    result = _finish(shard_dir, staging, out_dir, shards, gathered, config, mask_size, checkpoint, source)
     barrier(info)
     return result
 
 
 def _masked_batch(batch: list[dict], model, bias, device, mask_size, split: str, shard: str,
-                  stats: MaskStats, skipped: list, seen: dict[str, set]) -> Iterator[dict[str, Any]]:
+                  stats: MaskStats, skipped: list, seen: dict[str, set], source: str) -> Iterator[dict[str, Any]]:
     """Output samples for one decoded batch, in order; undecodable samples go to ``skipped``."""
     good = [b for b in batch if b["error"] is None]
     for b in batch:
         if b["error"] is not None:
             skipped.append({"split": split, "shard": shard, "key": b["key"], "reason": b["error"]})
             stats.skip(split)
-    logits = forward(model, np.stack([b["input"] for b in good]), device, bias) if good else []
+    if source == "labels":
+        missing = [b["key"] for b in good if b["truth"] is None]
+        if missing:
+            raise MissingLabelError(f"masks.source=labels: {split} shard {shard} sample {missing[0]} (and "
+                                    f"{len(missing) - 1} more in this batch) has no label mask.png; every image "
+                                    f"needs one (synthetic: synth.label_fraction=1.0), or use masks.source=parser")
+        logits = []
+    else:
+        logits = forward(model, np.stack([b["input"] for b in good]), device, bias) if good else []
     done = dict(zip((b["index"] for b in good), logits))
     for b in batch:
         if b["error"] is not None:
             continue
-        lg = done[b["index"]]
-        labels = logits_to_labels(lg, b["size"])
+        if source == "labels":
+            labels = _fit(b["truth"], tuple(b["size"]))
+            stored = labels if mask_size is None else resize_labels(labels, tuple(mask_size))
+        else:
+            lg = done[b["index"]]
+            labels = logits_to_labels(lg, b["size"])
+            stored = labels if mask_size is None else logits_to_labels(lg, mask_size)
         conf = None if b["truth"] is None else confusion_matrix(labels, _fit(b["truth"], labels.shape))
-        stored = labels if mask_size is None else logits_to_labels(lg, mask_size)
         stats.add(split, stored, conf)
-        meta = {**b["meta"], "mask_source": MASK_SOURCE}
+        meta = {**b["meta"], "mask_source": source}
         seen["vids"].add(meta["vid"])
         if meta.get("camera", -1) >= 0:
             seen["cameras"].add(meta["camera"])
@@ -244,13 +269,13 @@ def _png(labels: np.ndarray) -> bytes:
 
 
 def _finish(shard_dir: Path, staging: Path, out_dir: Path, shards: list[tuple[str, str]],
-            gathered: list[dict], config: dict, mask_size, checkpoint) -> dict[str, Any]:
+            gathered: list[dict], config: dict, mask_size, checkpoint, source: str) -> dict[str, Any]:
     """Rank 0: merge the ranks' results into the manifest and metrics, swap the folder in."""
     by_name = {w["name"]: w for g in gathered for w in g["written"]}
     stats = MaskStats()
     for g in gathered:
         stats.merge(g["stats"])
-    manifest: dict[str, Any] = {"format": 1, "source": str(shard_dir), "mask_source": MASK_SOURCE,
+    manifest: dict[str, Any] = {"format": 1, "source": str(shard_dir), "mask_source": source,
                                 "parser": {"checkpoint": str(checkpoint), **config},
                                 "mask_size": None if mask_size is None else list(mask_size),
                                 "splits": {}, "skipped": []}

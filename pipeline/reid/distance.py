@@ -15,16 +15,19 @@ Shapes: N images, 4 parts (front, back, side, top), C channels.
 and ``D_l = 0`` when p and q share no visible part (the denominator is 0); such pairs
 are flagged in the returned ``common`` mask so a loss can leave them out of mining.
 
-``official`` variant (after the authors' ``clck_dist`` in their
-``examples/parsing_reid/math_tools.py``, used by both their local triplet loss and
-their evaluation): the attention uses ``v_i + 1`` (so every pair has a common part and
-``common`` is all True) and each part feature is L2-normalised; the per-part distance
-here is the plain Euclidean one. Their code takes the square root of the Euclidean
-distance per part: docs/method.md §3 lists this and the other known differences.
-How the local term joins D_g at inference: :class:`pipeline.evaluation.spec.DistanceSpec`.
+``official`` variant (the authors' ``clck_dist`` in their
+``examples/parsing_reid/math_tools.py``, silverbulletmdc/PVEN 0b2e1a8, used by both
+their local triplet loss and their evaluation): the attention uses ``v_i + 1`` (so
+every pair has a common part and ``common`` is all True), each part feature is
+L2-normalised over channels, and the per-part distance is ``sqrt(||f_i^p - f_i^q||_2)``:
+their ``euclidean_dist`` (``vehicle_reid_pytorch/loss/triplet_loss.py``) returns the
+Euclidean distance, ``distmat.clamp(min=1e-12).sqrt()``, and ``clck_dist`` applies
+``.sqrt()`` to it again. ``_safe_sqrt(_safe_sqrt(x))`` here is exactly that:
+``max(x, 1e-12) ** 0.25``. How the local term joins D_g at inference (their
+``distmat + 0.5 * local_distmat ** 2``): :class:`pipeline.evaluation.spec.DistanceSpec`.
 
 :func:`local_distance` is the one differentiable implementation; the variants are
-presets of its ``normalize`` and ``vis_offset`` flags. :func:`pven_distance_torch`
+presets of its flags (``pipeline.constants.VARIANT_DEFAULTS``). :func:`pven_distance_torch`
 builds any evaluation :class:`~pipeline.evaluation.spec.DistanceSpec` from it (the
 evaluator's exact tiled kernel is tested against it).
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.constants import NUM_PARTS, VARIANTS
+from pipeline.constants import NUM_PARTS
 from pipeline.evaluation.spec import DistanceSpec
 
 # Squared distances below this are treated as this: sqrt has an infinite slope at 0.
@@ -73,12 +76,15 @@ def _check(features: torch.Tensor, visibility: torch.Tensor, name: str) -> None:
 
 
 def local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: torch.Tensor, *,
-                   normalize: bool = False, vis_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   normalize: bool = False, vis_offset: float = 0.0, part_root: bool = False,
+                   uniform: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """D_l between every image of set a and every image of set b (eq. 3-4).
 
     fa: (N, 4, C) part features, va: (N, 4) visibilities; fb, vb likewise with M images.
-    ``normalize`` L2-normalises each part feature first; ``vis_offset`` is added to
-    every visibility (1: the authors' Laplace smoothing).
+    ``normalize`` L2-normalises each part feature over C first; ``vis_offset`` is added
+    to every visibility (1: the authors' Laplace smoothing); ``part_root`` takes the
+    per-part distance as sqrt(||x - y||) (the authors' code); ``uniform`` replaces the
+    attention by 1/4 per part (an ablation: plain averaging).
     Returns ``(dist, common)``: dist (N, M) float, common (N, M) bool (the pair shares
     at least one visible part; where False, dist is exactly 0).
     """
@@ -87,8 +93,12 @@ def local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: tor
     if normalize:
         fa, fb = F.normalize(fa, dim=-1), F.normalize(fb, dim=-1)
     va, vb = va + vis_offset, vb + vis_offset
+    if uniform:
+        va, vb = torch.ones_like(va), torch.ones_like(vb)
     # Per-part distance matrices: (4, N, C) x (4, M, C) -> (4, N, M).
     part_dist = euclidean(fa.transpose(0, 1), fb.transpose(0, 1))
+    if part_root:
+        part_dist = _safe_sqrt(part_dist)
     weight = va.t()[:, :, None] * vb.t()[:, None, :]  # (4, N, M): v_i^p v_i^q
     denom = weight.sum(0)
     common = denom > 0
@@ -99,12 +109,22 @@ def local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: tor
 
 
 def pairwise_local_distance(fa: torch.Tensor, va: torch.Tensor, fb: torch.Tensor, vb: torch.Tensor,
-                            variant: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`local_distance` with the flags of ``variant`` (paper: raw; official: normalised, v + 1)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: got {variant!r}, expected one of {VARIANTS}")
-    official = variant == "official"
-    return local_distance(fa, va, fb, vb, normalize=official, vis_offset=1.0 if official else 0.0)
+                            spec: DistanceSpec | str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`local_distance` with the flags of ``spec`` (a spec, or a variant name) -> (dist, common)."""
+    if isinstance(spec, str):
+        spec = DistanceSpec(mode="local", variant=spec)
+    return local_distance(fa, va, fb, vb, normalize=spec.l2norm, vis_offset=spec.vis_offset,
+                          part_root=spec.part_root, uniform=spec.uniform)
+
+
+def spec_for(cfg, mode: str = "pven", **overrides) -> DistanceSpec:
+    """The :class:`DistanceSpec` a trained model's settings imply (``cfg``: a resolved ReidConfig, or
+    the model file's ``distance`` dict, where a missing key means the variant's value);
+    ``overrides`` (e.g. ``lam``) win over them."""
+    get = cfg.get if isinstance(cfg, dict) else lambda key: getattr(cfg, key)
+    fields = {"variant": get("variant"), "part_distance": get("part_distance"),
+              "visibility_offset": get("vis_offset"), "attention": get("attention") or "common_visible"}
+    return DistanceSpec(mode=mode, **(fields | overrides))
 
 
 def pven_distance_torch(q_global: torch.Tensor | None, q_parts: torch.Tensor | None, q_vis: torch.Tensor | None,
@@ -133,7 +153,7 @@ def pven_distance_torch(q_global: torch.Tensor | None, q_parts: torch.Tensor | N
             return dg
     if q_parts is None or g_parts is None or q_vis is None or g_vis is None:
         raise ValueError(f"mode {spec.mode!r} needs part features and visibilities")
-    dl, _ = local_distance(q_parts, q_vis, g_parts, g_vis, normalize=spec.l2norm, vis_offset=spec.vis_offset)
+    dl, _ = pairwise_local_distance(q_parts, q_vis, g_parts, g_vis, spec)
     if spec.mode == "local":
         return dl
-    return dg + spec.lam_value * dl
+    return dg + spec.lam_value * (dl * dl if spec.local_sq else dl)

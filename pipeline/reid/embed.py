@@ -2,8 +2,11 @@
 
 :func:`embed_shards` is the one extraction loop: every sample of a list of shards ->
 feature arrays (``global`` (N, C) after the BN neck, ``local`` (N, 4, C),
-``visibility`` (N, 4), ``ids``, ``cams``, ``keys``), through a ``forward`` callable
-(:func:`model_forward` for a trained model; the training loop passes its backend).
+``visibility`` (N, 4), ``ids``, ``cams``, ``keys``, and ``views`` (N,): the azimuth in
+degrees from the sample json's ``view.azimuth_deg``, NaN where a sample has none),
+through a ``forward`` callable (:func:`model_forward` for a trained model; the training
+loop passes its backend). A split none of whose samples has a view gets no views
+(``FeatureSet.views`` None, no ``views.npy``).
 Two sinks split the shards across ranks by :meth:`DistInfo.share`:
 
 * :func:`gather_features` (in-loop validation): each rank embeds its shards, rank 0
@@ -17,23 +20,55 @@ Two sinks split the shards across ranks by :meth:`DistInfo.share`:
 """
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline import atomic
-from pipeline.data.shards import eval_pipeline, shard_urls
+from pipeline.data.shards import decode_sample, eval_pipeline, shard_urls
 from pipeline.data.transforms import normalize_images
 from pipeline.dist.env import DistInfo, barrier, gather_to_main
-from pipeline.evaluation.features import ARRAYS, FeatureSet, write_feature_folder
+from pipeline.evaluation.features import ARRAYS, VIEWS, FeatureSet, write_feature_folder
 from pipeline.progress import progress
 from pipeline.reid.data import EvalTransform, collate
 
 # (images (B, 3, H, W) uint8, masks (B, H, W) uint8) -> the PVEN output dict (see pipeline.reid.model)
 Forward = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def sample_azimuth(meta: dict[str, Any]) -> float:
+    """A sample json's ``view.azimuth_deg`` in degrees (wrapped into (-180, 180] if outside); NaN without one."""
+    view = meta.get("view")
+    value = view.get("azimuth_deg") if isinstance(view, dict) else None
+    if value is None or not math.isfinite(float(value)):
+        return math.nan
+    value = float(value)
+    return value if -180.0 < value <= 180.0 else 180.0 - (180.0 - value) % 360.0
+
+
+@dataclass(frozen=True)
+class _EvalSample:
+    """Raw sample -> the prepared eval sample plus its ``azimuth`` (a picklable ``map_fn``)."""
+    size: tuple[int, int]
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        decoded = decode_sample(sample)
+        return {**EvalTransform(self.size)(decoded), "azimuth": sample_azimuth(decoded["meta"])}
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**collate(samples), "views": torch.tensor([s["azimuth"] for s in samples], dtype=torch.float64)}
+
+
+def _views_or_none(views: np.ndarray) -> np.ndarray | None:
+    """None when no image of the split has a view angle."""
+    return views if np.isfinite(views).any() else None
 
 
 def model_forward(model: torch.nn.Module, channels_last: bool = False) -> Forward:
@@ -49,14 +84,14 @@ def model_forward(model: torch.nn.Module, channels_last: bool = False) -> Forwar
 @torch.no_grad()
 def embed_shards(forward: Forward, urls: list[str], *, size: tuple[int, int], batch_size: int = 64,
                  num_workers: int = 1, desc: str = "embed", show: bool = False) -> dict[str, np.ndarray]:
-    """Every sample of ``urls`` (in shard order, one loader) -> :data:`ARRAYS` + ``keys`` arrays.
+    """Every sample of ``urls`` (in shard order, one loader) -> :data:`ARRAYS` + ``keys`` + ``views`` arrays.
 
     ``size`` is the model's input (height, width) in px. Raises ValueError when the
     shards hold no sample.
     """
-    loader = torch.utils.data.DataLoader(eval_pipeline(urls, map_fn=EvalTransform(size)), batch_size=batch_size,
-                                         num_workers=min(num_workers, len(urls)), collate_fn=collate)
-    out: dict[str, list] = {name: [] for name in (*ARRAYS, "keys")}
+    loader = torch.utils.data.DataLoader(eval_pipeline(urls, map_fn=_EvalSample(tuple(size))), batch_size=batch_size,
+                                         num_workers=min(num_workers, len(urls)), collate_fn=_collate)
+    out: dict[str, list] = {name: [] for name in (*ARRAYS, VIEWS, "keys")}
     with progress(desc=desc, unit="img", enabled=show) as bar:
         for batch in loader:
             feats = forward(batch["images"], batch["masks"])
@@ -65,11 +100,12 @@ def embed_shards(forward: Forward, urls: list[str], *, size: tuple[int, int], ba
             out["visibility"].append(feats["visibility"].float().cpu().numpy())
             out["ids"].append(batch["vids"].numpy())
             out["cams"].append(batch["cameras"].numpy())
+            out[VIEWS].append(batch["views"].numpy())
             out["keys"] += batch["keys"]
             bar.update(len(batch["keys"]))
     if not out["keys"]:
         raise ValueError(f"{', '.join(urls)}: no samples")
-    arrays = {name: np.concatenate(out[name]) for name in ARRAYS}
+    arrays = {name: np.concatenate(out[name]) for name in (*ARRAYS, VIEWS)}
     arrays["keys"] = np.array(out["keys"])
     return arrays
 
@@ -82,8 +118,8 @@ def gather_features(forward: Forward, shard_dir: Path, split: str, info: DistInf
     parts = [p for p in gather_to_main(local, info) or [] if p is not None]
     if not info.is_main:
         return None
-    a = {name: np.concatenate([p[name] for p in parts]) for name in ARRAYS}
-    return FeatureSet(a["ids"], a["cams"], a["global"], a["local"], a["visibility"])
+    a = {name: np.concatenate([p[name] for p in parts]) for name in (*ARRAYS, VIEWS)}
+    return FeatureSet(a["ids"], a["cams"], a["global"], a["local"], a["visibility"], _views_or_none(a[VIEWS]))
 
 
 def extract_split(forward: Forward, shard_dir: Path, split: str, out_dir: Path, info: DistInfo, *,
@@ -109,8 +145,9 @@ def extract_split(forward: Forward, shard_dir: Path, split: str, out_dir: Path, 
     final = Path(out_dir) / split
     if info.is_main:
         parts = [np.load(staging / f"{i:06d}.npz") for i in range(len(urls))]
-        write_feature_folder(final, {name: np.concatenate([p[name] for p in parts]) for name in ARRAYS},
-                             [k for p in parts for k in p["keys"].tolist()])
+        arrays = {name: np.concatenate([p[name] for p in parts]) for name in (*ARRAYS, VIEWS)}
+        arrays[VIEWS] = _views_or_none(arrays[VIEWS])
+        write_feature_folder(final, arrays, [k for p in parts for k in p["keys"].tolist()])
         shutil.rmtree(staging, ignore_errors=True)
     barrier(info)
     return final

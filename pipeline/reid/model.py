@@ -11,12 +11,25 @@ Outputs (:meth:`PVEN.forward`, a dict; all float32 whatever the autocast dtype):
 * ``global``     (B, C)    f_g = global average pooling of F (before the BN neck)
 * ``neck``       (B, C)    f_g after the BatchNorm neck
 * ``logits``     (B, N)    bias-free classifier over the N training identities
-* ``local``      (B, 4, C) part features f_l^i (eq. 1), zero for an invisible part
-* ``visibility`` (B, 4)    v_i = area of part i on the feature map in cells (eq. 2)
+* ``local``      (B, 4, C) part features f_l^i (eq. 1), zero for an invisible part; with
+                 ``local_neck`` the output of the local BN neck instead (what the local
+                 loss and evaluation use, as the authors' ``neck_feat: after``)
+* ``visibility`` (B, 4)    v_i = area of part i on the feature map in cells (eq. 2),
+                 without ``vis_offset`` (the distances add it)
 
 Masks are reduced to F's size by max pooling (paper; a part present anywhere in a
 cell marks the cell) or nearest interpolation (``mask_pool='nearest'``, the code's
 variant), after a one-hot of labels 1..4 (background dropped).
+
+The ``official`` variant (``ParsingReidModel`` in the authors'
+``examples/parsing_reid/model.py``, silverbulletmdc/PVEN 0b2e1a8) is
+``mask_pool='nearest'`` (``F.interpolate(mask, x.shape[2:])``), ``vis_offset=1``
+(``vis_score = mask.sum(dim=[2, 3]) + 1``, and the pooled feature
+``adaptive_avg_pool2d(mask * x) * (h * w / vis_score)`` = sum M F / (sum M + 1)) and
+``local_neck=True`` (``local_bn_neck = BatchNorm1d(2048 * 4)`` over the (B, C, 4) part
+features flattened to (B, 4C); their ``local_classifier`` feeds no loss and is left out).
+``centers`` adds the centre-loss centres (N, C) as a buffer, updated by
+:func:`pipeline.reid.losses.update_centers`, so checkpoints carry them.
 """
 from __future__ import annotations
 
@@ -126,33 +139,44 @@ def masks_to_parts(masks: torch.Tensor, size: tuple[int, int], pool: Literal["ma
     raise ValueError(f"mask_pool: got {pool!r}, expected 'max' or 'nearest'")
 
 
-def mask_average_pool(fmap: torch.Tensor, parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_average_pool(fmap: torch.Tensor, parts: torch.Tensor,
+                      vis_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 1-2: F (B, C, h, w), M (B, 4, h, w) -> part features (B, 4, C), visibility (B, 4).
 
-    An invisible part (sum M_i = 0) gets a zero feature: it is divided by a safe 1.
+    Features are sum M F / (sum M + vis_offset). An invisible part (sum M_i = 0) gets a
+    zero feature: with no offset it is divided by a safe 1. The visibility returned is
+    sum M, without the offset.
     """
     vis = parts.sum((2, 3))
     summed = torch.einsum("bphw,bchw->bpc", parts, fmap)
-    return summed / torch.where(vis > 0, vis, torch.ones_like(vis)).unsqueeze(-1), vis
+    divisor = vis + vis_offset
+    return summed / torch.where(divisor > 0, divisor, torch.ones_like(divisor)).unsqueeze(-1), vis
 
 
 class PVEN(nn.Module):
     """Backbone + global branch (GAP -> BN neck -> bias-free classifier) + view-aware local branch."""
 
     def __init__(self, num_classes: int, backbone: str = "resnet18", last_stride: int = 1,
-                 mask_pool: Literal["max", "nearest"] = "max", pretrained: str | None = None):
+                 mask_pool: Literal["max", "nearest"] = "max", pretrained: str | None = None,
+                 local_neck: bool = False, vis_offset: float = 0.0, centers: bool = False):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes: got {num_classes}, expected >= 2 training identities")
-        self.config = {"num_classes": int(num_classes), "backbone": backbone,
-                       "last_stride": int(last_stride), "mask_pool": mask_pool}
+        self.config = {"num_classes": int(num_classes), "backbone": backbone, "last_stride": int(last_stride),
+                       "mask_pool": mask_pool, "local_neck": bool(local_neck), "vis_offset": float(vis_offset),
+                       "centers": bool(centers)}
         self.backbone, channels = build_backbone(backbone, last_stride, pretrained)
         self.feat_dim = channels
         self.mask_pool = mask_pool
+        self.vis_offset = float(vis_offset)
         self.neck = nn.BatchNorm1d(channels)
         self.neck.bias.requires_grad_(False)  # BNNeck: no shift, the classifier sees a centred feature
         self.classifier = nn.Linear(channels, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
+        # The authors' local neck keeps its bias trainable (only the global one is frozen).
+        self.local_neck = nn.BatchNorm1d(channels * NUM_PARTS) if local_neck else None
+        if centers:  # their CenterLoss draws centres from randn (the seeded global RNG here)
+            self.register_buffer("centers", torch.randn(num_classes, channels))
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         fmap = self.backbone(images)
@@ -163,15 +187,21 @@ class PVEN(nn.Module):
         logits = self.classifier(neck)
         parts = masks_to_parts(masks, fmap.shape[-2:], self.mask_pool)
         with torch.autocast(fmap.device.type, enabled=False):  # part pooling in fp32
-            local, vis = mask_average_pool(fmap.float(), parts)
+            local, vis = mask_average_pool(fmap.float(), parts, self.vis_offset)
+            if self.local_neck is not None:
+                # (B, 4, C) -> (B, C, 4) -> (B, 4C): the authors' channel order (c * 4 + i).
+                flat = local.transpose(1, 2).reshape(len(local), -1)
+                flat = self.local_neck(flat.to(self.local_neck.weight.dtype)).float()
+                local = flat.view(len(local), -1, NUM_PARTS).transpose(1, 2)
         return {"global": f_g.float(), "neck": neck.float(), "logits": logits.float(),
                 "local": local, "visibility": vis}
 
 
 def build_model(cfg, num_classes: int) -> PVEN:
-    """PVEN from a :class:`pipeline.config.ReidConfig`."""
-    return PVEN(num_classes, backbone=cfg.backbone, last_stride=cfg.last_stride,
-                mask_pool=cfg.mask_pool, pretrained=cfg.pretrained)
+    """PVEN from a resolved :class:`pipeline.config.ReidConfig` (variant defaults filled in)."""
+    return PVEN(num_classes, backbone=cfg.backbone, last_stride=cfg.last_stride, mask_pool=cfg.mask_pool,
+                pretrained=cfg.pretrained, local_neck=cfg.local_neck, vis_offset=cfg.vis_offset,
+                centers=cfg.loss.w_center > 0)
 
 
 # --------------------------------------------------------------------------- model files
@@ -180,16 +210,19 @@ MODEL_FORMAT = 1
 
 
 def model_payload(model: PVEN, state_dict: dict[str, torch.Tensor], class_vids: list[int],
-                  variant: str, image_size: tuple[int, int]) -> dict:
+                  distance: dict, image_size: tuple[int, int]) -> dict:
     """What ``models/reid/model.pt`` holds: fp32 weights + all that is needed to rebuild and use them.
 
     ``class_vids[c]`` is the dataset vid of classifier class ``c`` (training identities,
-    sorted); ``variant`` and ``image_size`` say how to compute distances and size inputs.
-    Only plain types and tensors, so ``torch.load(weights_only=True)`` reads it.
+    sorted); ``distance`` holds the settings the distances need (``variant``,
+    ``part_distance``, ``vis_offset``, ``attention``: see :func:`pipeline.reid.distance.spec_for`);
+    ``image_size`` sizes the inputs. Only plain types and tensors, so
+    ``torch.load(weights_only=True)`` reads it.
     """
     return {"format": MODEL_FORMAT, "state_dict": state_dict, "config": dict(model.config),
             "feat_dim": model.feat_dim, "class_vids": [int(v) for v in class_vids],
-            "variant": variant, "image_size": [int(s) for s in image_size], "neck_feature": "after"}
+            "variant": distance["variant"], "distance": dict(distance),
+            "image_size": [int(s) for s in image_size], "neck_feature": "after"}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[PVEN, dict]:
@@ -202,7 +235,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[PV
         raise ValueError(f"{path}: not a PVEN model file of format {MODEL_FORMAT}")
     cfg = payload["config"]
     model = PVEN(cfg["num_classes"], backbone=cfg["backbone"], last_stride=cfg["last_stride"],
-                 mask_pool=cfg["mask_pool"], pretrained=None)
+                 mask_pool=cfg["mask_pool"], pretrained=None, local_neck=cfg.get("local_neck", False),
+                 vis_offset=cfg.get("vis_offset", 0.0), centers=cfg.get("centers", False))
     model.load_state_dict(payload["state_dict"])
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return model.to(device).eval(), meta

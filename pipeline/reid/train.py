@@ -13,12 +13,14 @@ What one call does:
 2. Builds PVEN and the backend (``reid.backend``: ddp | deepspeed), then resumes from
    the latest checkpoint in ``reid.checkpoint_dir`` if one of this configuration exists.
 3. Streams identity-balanced P x K batches (``TrainStream`` + ``PKBatcher``), exactly
-   ``reid.batches_per_epoch`` per rank and epoch; a mid-epoch resume skips the batches
+   ``reid.batches_per_epoch`` per rank and epoch (null: one pass over the training
+   images, :func:`steps_per_epoch`); a mid-epoch resume skips the batches
    already trained on, which come again identically (every source of randomness is
    seeded from (seed, epoch, rank, worker)).
-4. Each step: forward, the three losses, a check that the loss is finite on every
+4. Each step: forward, the losses, a check that the loss is finite on every
    rank (else :class:`NonFiniteLossError`, keeping the last good checkpoint), backward,
-   optimizer and lr steps. Checkpoints every ``reid.checkpoint_every`` steps and at
+   optimizer and lr steps, and the centre update when the centre loss is on
+   (``official``). Checkpoints every ``reid.checkpoint_every`` steps and at
    each epoch end (then with ``epoch + 1``).
 5. Every ``reid.val_every`` epochs: query vs gallery mAP of the masked shards by
    :mod:`pipeline.evaluation` (the evaluate stage's metrics) with the variant's PVEN
@@ -34,6 +36,7 @@ checkpoint writing excluded); times in seconds.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -55,16 +58,16 @@ from pipeline.data.transforms import normalize_images
 from pipeline.dist.backends import BackendOptions, make_backend
 from pipeline.dist.checkpoint import CheckpointManager, torch_save_atomic
 from pipeline.dist.env import DistInfo, barrier, broadcast_from_main
-from pipeline.evaluation.spec import DistanceSpec
 from pipeline.evaluation.streaming import evaluate
 from pipeline.progress import progress
 from pipeline.reid.data import TrainTransform, collate, read_vid
+from pipeline.reid.distance import spec_for
 from pipeline.reid.embed import gather_features
-from pipeline.reid.losses import pven_loss
+from pipeline.reid.losses import pven_loss, update_centers
 from pipeline.reid.model import MODEL_FILE, build_model, model_payload
 from pipeline.reid.sampling import PKBatcher
 
-LOSS_NAMES = ("loss", "id", "gtri", "ltri")
+LOSS_NAMES = ("loss", "id", "gtri", "ltri", "center")
 STEP_COLUMNS = ("step", "epoch", *LOSS_NAMES, "lr")   # the fields of TrainResult.steps rows
 LOG_EVERY = 10  # steps between MLflow loss points (each one is a database write)
 VAL_BATCH = 64
@@ -98,6 +101,39 @@ class WarmupCosine:
             return (step + 1) / self.warmup
         t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class WarmupMultiStep:
+    """lr multiplier per optimizer step, constant within an epoch: the authors' ``WarmupMultiStepLR``.
+
+    ``vehicle_reid_pytorch/utils/pytorch_tools.py`` (silverbulletmdc/PVEN 0b2e1a8) with
+    ``warmup_factor`` 0, stepped once at the start of each epoch (``main.py``), so
+    1-based epoch e trains at ``min(1, e / warmup_epochs) * gamma ** #{m in milestones: m <= e}``
+    (``bisect_right``): epoch 1 at 0.1 of the lr with 10 warm-up epochs, x 0.1 from epoch 40.
+    """
+
+    def __init__(self, steps_per_epoch: int, warmup_epochs: int, milestones: tuple[int, ...], gamma: float):
+        self.steps, self.warmup, self.milestones, self.gamma = max(1, steps_per_epoch), warmup_epochs, \
+            tuple(sorted(milestones)), gamma
+
+    def __call__(self, step: int) -> float:
+        epoch = step // self.steps + 1
+        warm = min(1.0, epoch / self.warmup) if self.warmup else 1.0
+        return warm * self.gamma ** bisect.bisect_right(self.milestones, epoch)
+
+
+def lr_schedule(cfg, steps_per_epoch: int):
+    """The lr multiplier of ``reid.schedule`` for a run of ``cfg.epochs`` x ``steps_per_epoch`` steps."""
+    if cfg.schedule == "multistep":
+        return WarmupMultiStep(steps_per_epoch, cfg.warmup_epochs, cfg.milestones, cfg.gamma)
+    return WarmupCosine(cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
+
+
+def steps_per_epoch(cfg, train_images: int, world_size: int) -> int:
+    """``reid.batches_per_epoch``, or for null one pass over the training images (>= 1 per rank)."""
+    if cfg.batches_per_epoch is not None:
+        return cfg.batches_per_epoch
+    return max(1, train_images // (cfg.P * cfg.K * world_size))
 
 
 def training_identities(data_dir: Path, info: DistInfo) -> list[int]:
@@ -149,8 +185,8 @@ def validate(backend, data_dir: Path, params: Params, info: DistInfo) -> dict[st
     metrics = None
     if info.is_main:  # one rank ranks; the others would repeat the same work on the same cores
         # The variant's own lambda: training does not read the eval section (dvc.yaml params).
-        full = evaluate(*sets, DistanceSpec(mode="pven", variant=cfg.variant)).summary((1, 5))
-        glob = evaluate(*sets, DistanceSpec(mode="global", variant=cfg.variant)).summary((1, 5))
+        full = evaluate(*sets, spec_for(cfg, "pven")).summary((1, 5))
+        glob = evaluate(*sets, spec_for(cfg, "global")).summary((1, 5))
         metrics = {"val_mAP": full["mAP"], "val_rank1": full["rank1"], "val_rank5": full["rank5"],
                    "val_mAP_global": glob["mAP"], "val_rank1_global": glob["rank1"]}
     return broadcast_from_main(metrics, info)
@@ -183,34 +219,34 @@ def train(params: Params, info: DistInfo, *, data_dir: str | Path | None = None,
     class_vids = training_identities(data_dir, info)
     _seed_everything(params.seed)  # the same initial weights on every rank
     model = build_model(cfg, len(class_vids))
-    steps_per_epoch, total_steps = cfg.batches_per_epoch, cfg.epochs * cfg.batches_per_epoch
+    per_epoch = steps_per_epoch(cfg, manifest["splits"]["train"]["samples"], info.world_size)
     backend = make_backend(cfg.backend, model, info, BackendOptions(
-        lr=cfg.lr, weight_decay=cfg.weight_decay,
-        lr_lambda=WarmupCosine(cfg.warmup_epochs * steps_per_epoch, total_steps),
+        lr=cfg.lr, weight_decay=cfg.weight_decay, lr_lambda=lr_schedule(cfg, per_epoch),
         micro_batch=cfg.P * cfg.K, precision=cfg.precision, channels_last=cfg.channels_last,
         sync_bn=cfg.sync_bn, deepspeed_config=cfg.deepspeed_config))
     try:
         return _train_loop(params, info, backend, data_dir, out_dir,
-                           Path(checkpoint_dir or cfg.checkpoint_dir), class_vids,
+                           Path(checkpoint_dir or cfg.checkpoint_dir), class_vids, per_epoch,
                            on_epoch, on_checkpoint, run, show_progress)
     finally:
         backend.close()
 
 
-def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_vids,
+def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_vids, per_epoch,
                 on_epoch, on_checkpoint, run, show_progress) -> TrainResult:
     cfg = params.reid
+    local_spec = spec_for(cfg, "local", normalize=cfg.loss.normalize_local)
     ckpt = CheckpointManager(checkpoint_dir, info, fingerprint(params, data_dir, info.world_size))
     state = ckpt.load(backend) or {"epoch": 0, "batch": 0, "history": [], "steps": []}
     epoch, skip = state["epoch"], state["batch"]
     history, step_rows = state["history"], state["steps"]
-    global_step = epoch * cfg.batches_per_epoch + skip
+    global_step = epoch * per_epoch + skip
     resumed_from = global_step if state.get("step") is not None else None
     if resumed_from is not None and info.is_main:
         print(f"train_reid: resuming from {ckpt.latest_dir} (epoch {epoch}, batch {skip}, step {global_step})")
 
     stream = TrainStream(shard_urls(data_dir, "train"), batch_size=cfg.P * cfg.K,
-                         batches_per_epoch=cfg.batches_per_epoch, seed=params.seed, rank=info.rank,
+                         batches_per_epoch=per_epoch, seed=params.seed, rank=info.rank,
                          num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, map_fn=read_vid,
                          batch_fn=PKBatcher(cfg.P, cfg.K, params.seed,
                                             TrainTransform(tuple(cfg.image_size), cfg.pad, cfg.erase_prob),
@@ -227,7 +263,7 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
 
     backend.train()
     while epoch < cfg.epochs:
-        bar = progress(total=cfg.batches_per_epoch, desc=f"train_reid epoch {epoch + 1}/{cfg.epochs}",
+        bar = progress(total=per_epoch, desc=f"train_reid epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", enabled=show_progress and info.is_main, leave=False)
         bar.update(skip)
         counted, data_wait, started = 0, 0.0, time.perf_counter()
@@ -245,9 +281,12 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
             labels = lookup[vids].to(info.device)
             images = normalize_images(batch["images"].to(info.device, non_blocking=True), cfg.channels_last)
             out = backend.forward(images, batch["masks"].to(info.device))
-            losses = pven_loss(out, labels, cfg.loss, cfg.variant)
+            centers = getattr(backend.module, "centers", None)
+            losses = pven_loss(out, labels, cfg.loss, local_spec, centers)
             row = _finite_or_stop(losses, info, ckpt, epoch, global_step)
             backend.step(losses["loss"])
+            if centers is not None:
+                update_centers(centers, out["global"], labels, cfg.loss.center_lr, info.distributed)
             global_step += 1
             counted += 1
             step_rows.append({"step": global_step, "epoch": epoch + 1, **{k: round(v, 6) for k, v in row.items()},
@@ -256,7 +295,7 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
             bar.set_postfix(loss=row["loss"], lr=backend.lr)
             if run is not None and global_step % LOG_EVERY == 0:
                 run.log_metrics({f"train_{k}": v for k, v in row.items()} | {"lr": backend.lr}, step=global_step)
-            if global_step % cfg.checkpoint_every == 0 and b + 1 < cfg.batches_per_epoch:
+            if global_step % cfg.checkpoint_every == 0 and b + 1 < per_epoch:
                 t0 = time.perf_counter()
                 save(epoch, b + 1)
                 started += time.perf_counter() - t0  # checkpoint time is not training time
@@ -314,7 +353,9 @@ def _finite_or_stop(losses: dict, info: DistInfo, ckpt: CheckpointManager, epoch
 
 def save_model(out_dir: Path, module, weights: dict, class_vids: list[int], cfg) -> Path:
     """Write ``model.pt`` (see model.model_payload) and a readable ``model.json`` beside it."""
-    payload = model_payload(module, weights, class_vids, cfg.variant, cfg.image_size)
+    distance = {"variant": cfg.variant, "part_distance": cfg.part_distance, "vis_offset": cfg.vis_offset,
+                "attention": cfg.attention}
+    payload = model_payload(module, weights, class_vids, distance, cfg.image_size)
     path = torch_save_atomic(payload, Path(out_dir) / MODEL_FILE)
     atomic.write_json(Path(out_dir) / "model.json", {k: v for k, v in payload.items() if k != "state_dict"})
     return path

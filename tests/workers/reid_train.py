@@ -57,6 +57,7 @@ def main() -> None:
                        on_checkpoint=on_checkpoint, show_progress=False)
         mine = {"rank": info.rank, "params": digest(p for p in result.model.parameters()),
                 "buffers": digest(b for b in result.model.buffers() if b.is_floating_point()),
+                "centers": digest([result.model.centers]) if hasattr(result.model, "centers") else None,
                 "val": {k: v for k, v in result.summary.items() if k.startswith("val_")}}
         ranks = [mine]
         if info.distributed:

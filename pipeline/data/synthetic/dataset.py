@@ -13,9 +13,18 @@ Layout written under ``out_dir`` (see docs on datasets: VeRi-776):
   ``label_fraction`` share of training images;
 - ``views.csv``: ``folder,name,vid,camera,azimuth_deg,elevation_deg`` per written image.
 
+Identities come in look-alike families that differ only in their marks
+(:mod:`.families`); a family is wholly in train or wholly in test. While rendering,
+each image's mark map (:func:`.scene.render`) tells which marks it shows: a mark
+shows when at least :func:`mark_min_pixels` of its pixels are visible (12 at 128 px).
+The summary :func:`render_dataset` returns reports, per split, the share of images
+showing any mark, a front/back mark and a side/top mark, and per mark type how often
+it shows; nothing of this is written into the dataset folder.
+
 Determinism: every random choice comes from a numpy generator seeded by
-``(seed, tag, vid[, camera[, index]])``, so the bytes do not depend on the number of
-worker processes or on the order in which workers finish.
+``(seed, tag, vid[, camera[, index]])`` (families: by split or by the family's first
+vid), so the bytes do not depend on the number of worker processes or on the order
+in which workers finish.
 """
 from __future__ import annotations
 
@@ -37,13 +46,25 @@ from pipeline import atomic
 from pipeline.data.records import VIEWS_COLUMNS
 from pipeline.progress import progress
 
+from .families import MAX_FAMILY_SIZE, Identity, build_identity, identities
+from .marks import MARK_FACE
 from .scene import camera_fields, camera_spec, image_view, render
-from .vehicles import build_vehicle
 
 if TYPE_CHECKING:  # workers need not import the config module (PyYAML) at start-up
     from pipeline.config import SynthConfig
 
 TRAIN, TEST, QUERY = "image_train", "image_test", "image_query"
+MARK_MIN_PIXELS = 12   # visible pixels for a mark to count as shown, at 128 px (scaled by area)
+
+
+def mark_min_pixels(size: int) -> int:
+    """Visible pixels a mark needs to count as shown in a ``size`` px image.
+
+    12 at 128 px (about a 3 x 4 px patch: enough to see a colour blob, still well under
+    one 16 x 16 px cell of the 8 x 8 feature map), scaled with the image area and at
+    least 1.
+    """
+    return max(1, round(MARK_MIN_PIXELS * (size / 128) ** 2))
 
 
 @dataclass(frozen=True)
@@ -83,14 +104,19 @@ def _check(cfg: SynthConfig) -> None:
         raise ValueError(f"synth.label_fraction: got {cfg.label_fraction}, expected 0..1")
     if cfg.workers < 1:
         raise ValueError(f"synth.workers: got {cfg.workers}, expected >= 1")
+    lo, hi = cfg.family_size
+    if not 1 <= lo <= hi <= MAX_FAMILY_SIZE:
+        raise ValueError(f"synth.family_size: got [{lo}, {hi}], expected [min, max] with "
+                         f"1 <= min <= max <= {MAX_FAMILY_SIZE} (members need different mark sets)")
 
 
 def plan(cfg: SynthConfig, seed: int) -> list[list[_Task]]:
     """Every image to render, grouped per identity (a worker job), in id order.
 
-    Identities 1..train_ids are training ids, the next test_ids are test ids. Each
-    identity passes ``cameras_per_id`` distinct cameras with ``images_per_camera``
-    frames each; for a test identity one frame per camera is the query.
+    Identities 1..train_ids are training ids, the next test_ids are test ids (their
+    families: :func:`.families.identities`). Each identity passes ``cameras_per_id``
+    distinct cameras with ``images_per_camera`` frames each; for a test identity one
+    frame per camera is the query.
     """
     _check(cfg)
     groups: list[list[_Task]] = []
@@ -121,16 +147,22 @@ def plan(cfg: SynthConfig, seed: int) -> list[list[_Task]]:
     return groups
 
 
-def _render_group(job: tuple) -> list[tuple[str, str, int, int, float, float]]:
-    """Worker: render one identity's images into ``root``; returns its views.csv rows."""
-    root, seed, size, quality, tasks = job
+def _render_group(job: tuple) -> tuple[list[tuple[str, str, int, int, float, float]], list[tuple[str, ...]]]:
+    """Worker: render one identity's images into ``root``.
+
+    Returns its views.csv rows and, per task, the names of the marks the image shows.
+    """
+    root, seed, size, quality, identity, tasks = job
     root = Path(root)
-    model = build_vehicle(np.random.default_rng([seed, 0x40DE1, tasks[0].vid]))
-    rows = []
+    model = build_identity(seed, identity)
+    need = mark_min_pixels(size)
+    rows, shown = [], []
     for task in tasks:
         spec = camera_spec(seed, task.camera)
         view = image_view(seed, task.vid, task.camera, task.index, spec, size)
-        rgb, labels = render(model, spec, view, size, camera_fields(seed, task.camera, size))
+        rgb, labels, marks = render(model, spec, view, size, camera_fields(seed, task.camera, size), marks=True)
+        counts = np.bincount(marks.ravel(), minlength=len(model.marks) + 1)[1:]
+        shown.append(tuple(name for name, n in zip(model.marks, counts.tolist()) if n >= need))
         buf = io.BytesIO()
         rgb.save(buf, "JPEG", quality=quality)
         jpg = buf.getvalue()
@@ -145,7 +177,36 @@ def _render_group(job: tuple) -> list[tuple[str, str, int, int, float, float]]:
             if png is not None:
                 path.with_suffix(".png").write_bytes(png)
             rows.append((folder, task.name, task.vid, task.camera, view.azimuth, view.elevation))
-    return rows
+    return rows, shown
+
+
+def _share(hits: int, total: int) -> float:
+    return round(hits / total, 4) if total else 0.0
+
+
+def _mark_summary(groups: list[list[_Task]], people: list[Identity], shown: list[list[tuple[str, ...]]],
+                  size: int) -> dict:
+    """Mark visibility of the rendered images (see the module docstring)."""
+    def tally(pairs: list[tuple[_Task, tuple[str, ...]]]) -> dict:
+        faces = [{MARK_FACE[name] for name in names} for _, names in pairs]
+        return dict(images=len(pairs), any=_share(sum(bool(f) for f in faces), len(pairs)),
+                    front_back=_share(sum(bool(f & {"front", "back"}) for f in faces), len(pairs)),
+                    side_top=_share(sum(bool(f & {"side", "top"}) for f in faces), len(pairs)))
+
+    pairs = [(task, names) for tasks, seen in zip(groups, shown) for task, names in zip(tasks, seen)]
+    splits = {split: tally([(t, n) for t, n in pairs if folder in t.folders])
+              for split, folder in (("train", TRAIN), ("query", QUERY), ("test", TEST))}
+    by_mark: dict[str, dict] = {}
+    for person, tasks, seen in zip(people, groups, shown):
+        for name in person.marks:
+            entry = by_mark.setdefault(name, dict(face=MARK_FACE[name], identities=0, images=0, shown=0))
+            entry["identities"] += 1
+            entry["images"] += len(tasks)
+            entry["shown"] += sum(name in names for names in seen)
+    for entry in by_mark.values():
+        entry["shown"] = _share(entry.pop("shown"), entry["images"])
+    return dict(min_pixels=mark_min_pixels(size), all=tally(pairs), splits=splits,
+                by_mark=dict(sorted(by_mark.items())))
 
 
 def _write_lists(root: Path, groups: list[list[_Task]]) -> dict[str, list[_Task]]:
@@ -201,8 +262,11 @@ def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int, show_progress: bo
     interrupted run never leaves a partial dataset at ``out_dir``.
 
     Returns a JSON-able summary: per split (train/query/test) the numbers of images,
-    identities, cameras and label PNGs; images rendered (a query is rendered once and
-    written twice), files written, seconds and rendered images per second.
+    identities, families, cameras and label PNGs; ``marks``: the mark visibility (share
+    of images showing any / a front or back / a side or top mark, overall under
+    ``all`` (train + test), per split, and per mark type under ``by_mark``); images
+    rendered (a query is rendered once and written twice), files written, seconds and
+    rendered images per second.
     ``show_progress`` reports the images rendered so far (:mod:`pipeline.progress`).
     """
     start = time.perf_counter()
@@ -211,26 +275,32 @@ def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int, show_progress: bo
         raise ValueError(f"synth.out_dir: {out_dir} exists and is not a folder; expected a "
                          f"folder (or nothing) to write the dataset into")
     groups = plan(cfg, seed)
+    people = identities(cfg, seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     _remove_stale(out_dir)
     try:
         for folder in (TRAIN, TEST, QUERY):
             (tmp / folder).mkdir(parents=True)
-        jobs = [(str(tmp), seed, cfg.image_size, cfg.jpeg_quality, tasks) for tasks in groups]
+        jobs = [(str(tmp), seed, cfg.image_size, cfg.jpeg_quality, person, tasks)
+                for person, tasks in zip(people, groups)]
         rows: list[tuple] = []
+        shown: list[list[tuple[str, ...]]] = []
         bar = progress(desc="synth", unit="img", total=sum(len(tasks) for tasks in groups), enabled=show_progress)
         if cfg.workers == 1:
             for job in jobs:
-                rows.extend(_render_group(job))
+                part, seen = _render_group(job)
+                rows.extend(part)
+                shown.append(seen)
                 bar.update(len(job[-1]))
         else:
             # spawn: safe whatever the parent imported (torch threads, open files);
             # ProcessPoolExecutor fails fast if a worker dies, where Pool would hang.
             try:
                 with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-                    for job, part in zip(jobs, pool.map(_render_group, jobs)):
+                    for job, (part, seen) in zip(jobs, pool.map(_render_group, jobs)):
                         rows.extend(part)
+                        shown.append(seen)
                         bar.update(len(job[-1]))
             except BrokenProcessPool as exc:
                 raise RuntimeError(
@@ -252,26 +322,37 @@ def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int, show_progress: bo
     splits = {}
     for split, folder in (("train", TRAIN), ("query", QUERY), ("test", TEST)):
         tasks = by_folder[folder]
-        splits[split] = dict(images=len(tasks), identities=len({t.vid for t in tasks}),
+        vids = {t.vid for t in tasks}
+        splits[split] = dict(images=len(tasks), identities=len(vids),
+                             families=len({p.family for p in people if p.vid in vids}),
                              cameras=len({t.camera for t in tasks}), labels=sum(t.label for t in tasks))
     return dict(out_dir=str(out_dir), seed=seed, image_size=cfg.image_size, workers=cfg.workers,
-                splits=splits, images_rendered=rendered,
+                family_size=list(cfg.family_size), splits=splits,
+                marks=_mark_summary(groups, people, shown, cfg.image_size), images_rendered=rendered,
                 # JPEGs + label PNGs + name_*.txt, gt/jk_index.txt, views.csv
                 files_written=len(rows) + sum(s["labels"] for s in splits.values()) + 6,
                 seconds=round(seconds, 3), images_per_s=round(rendered / max(seconds, 1e-9), 1))
 
 
 def render_example(seed: int, vid: int, camera: int, azimuth_deg: float | None = None,
-                   elevation_deg: float | None = None, size: int = 128,
-                   body: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   elevation_deg: float | None = None, size: int = 128, body: str | None = None,
+                   cfg: SynthConfig | None = None, marks: bool = False):
     """Render identity ``vid`` under ``camera`` of dataset ``seed`` -> (RGB HxWx3, labels HxW) uint8.
 
     ``azimuth_deg`` (0 = front view, 90 = left side, 180 = back) and ``elevation_deg``
-    override the camera's viewpoint; ``body`` forces a body type. The same model,
-    lighting and camera look as in :func:`render_dataset` (frame index 0).
+    override the camera's viewpoint; ``body`` forces a body type. ``cfg`` is the
+    dataset's config (its ids and family sizes decide the families; default: the
+    defaults of :class:`~pipeline.config.SynthConfig`). The same model, lighting and
+    camera look as in :func:`render_dataset` (frame index 0). With ``marks``, a third
+    array: the mark map (per pixel, the 1-based index of the identity mark seen there).
     """
-    rng = np.random.default_rng([seed, 0x40DE1, vid])
-    model = build_vehicle(rng, body)
+    if cfg is None:
+        from pipeline.config import SynthConfig
+        cfg = SynthConfig()
+    people = identities(cfg, seed)
+    if not 1 <= vid <= len(people):
+        raise ValueError(f"render_example: vid {vid}, expected 1..{len(people)} (train_ids + test_ids)")
+    model = build_identity(seed, people[vid - 1], body)
     spec = camera_spec(seed, camera)
     view = image_view(seed, vid, camera, 0, spec, size)
     changes = {}
@@ -281,5 +362,7 @@ def render_example(seed: int, vid: int, camera: int, azimuth_deg: float | None =
         changes["elevation"] = float(elevation_deg)
     if changes:
         view = replace(view, **changes)
-    rgb, labels = render(model, spec, view, size, camera_fields(seed, camera, size))
+    rgb, labels, mark_map = render(model, spec, view, size, camera_fields(seed, camera, size), marks=True)
+    if marks:
+        return np.asarray(rgb), np.asarray(labels), mark_map
     return np.asarray(rgb), np.asarray(labels)

@@ -7,6 +7,11 @@ A part is a convex polyhedron given by its faces; a face is a planar convex
 polygon with a role (``"windshield"``, ``"roof"``, ``"left"`` ...), a material and a
 base colour. Decals are polygons lying on a face (lamps, windows, marks): they
 change the RGB image only, never the label.
+
+Faces and decals carry a ``mark`` tag: 0 for the vehicle itself, ``k`` for a surface
+that belongs to the identity's k-th mark (:mod:`.marks`). The builder stamps its
+current tag on everything it adds, so a mark function needs no bookkeeping; the
+renderer draws the tags into a mark map to measure which marks an image shows.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ class Decal:
     pts: np.ndarray          # (k, 3) polygon on its face's plane
     material: int
     colour: tuple[float, float, float]
+    mark: int = 0            # 0: not a mark; k: part of the identity's k-th mark
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Face:
     material: int
     colour: tuple[float, float, float]
     decals: list[Decal] = field(default_factory=list)
+    mark: int = 0            # as Decal.mark (a whole face that is a mark, e.g. a repainted roof)
 
 
 @dataclass
@@ -93,10 +100,11 @@ def face_size(corners: np.ndarray) -> tuple[float, float]:
 
 
 class Builder:
-    """Collects parts; ``face(part, role)`` gives a face to put decals on."""
+    """Collects parts and decals; everything added is tagged with the current ``mark``."""
 
     def __init__(self) -> None:
         self.parts: list[Part] = []
+        self.mark = 0       # set by marks.add_marks around each mark function
 
     def part(self, name: str, corners: dict[str, np.ndarray], colour, material: int = PAINT,
              roles: dict[str, str] | None = None, materials: dict[str, int] | None = None) -> Part:
@@ -106,7 +114,8 @@ class Builder:
         faces = {}
         for key, pts in corners.items():
             role = roles.get(key, key)
-            faces[role] = Face(pts, role, materials.get(key, material), tuple(map(float, colour)))
+            faces[role] = Face(pts, role, materials.get(key, material), tuple(map(float, colour)),
+                               mark=self.mark)
         p = Part(name, faces)
         self.parts.append(p)
         return p
@@ -114,6 +123,6 @@ class Builder:
     def find(self, name: str) -> Part | None:
         return next((p for p in self.parts if p.name == name), None)
 
-    @staticmethod
-    def decal(face: Face, uv: np.ndarray, colour, material: int = PAINT) -> None:
-        face.decals.append(Decal(uv_map(face.pts, uv), material, tuple(map(float, colour))))
+    def decal(self, face: Face, uv: np.ndarray, colour, material: int = PAINT) -> None:
+        """Add a decal given in the face's (u, v) coordinates (see :func:`uv_map`)."""
+        face.decals.append(Decal(uv_map(face.pts, uv), material, tuple(map(float, colour)), self.mark))

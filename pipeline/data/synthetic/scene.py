@@ -12,7 +12,12 @@ square regardless of aspect).
 Rasterisation is PIL polygon filling with back-face culling and painter's order
 between convex parts (one separating plane per pair of parts). Every visible face
 is drawn with the same coordinates into the RGB image and into an 'L' label image,
-so labels are pixel-exact; decals go into the RGB image only.
+so labels are pixel-exact; decals go into the RGB image only. The 'L' image holds
+``label + 8 * mark`` (mark: the 1-based index of the identity mark a surface belongs
+to, 0 for none); decals whose mark differs from their face's are drawn into it too.
+Its low 3 bits are the label map and its high bits the mark map, which tells, pixel
+for pixel, which mark (if any) the image shows there, at the cost of one extra
+polygon per mark decal.
 
 Per camera (fixed for all identities passing it): viewpoint range, distance,
 light direction relative to the view, colour cast, road/verge/far colours, lanes,
@@ -311,8 +316,12 @@ def frame(model: VehicleModel, view: View, size: int):
 
 
 def render(model: VehicleModel, spec: CameraSpec, view: View, size: int,
-           fields: tuple[np.ndarray, np.ndarray]) -> tuple[Image.Image, Image.Image]:
-    """Render one image: returns (RGB PIL image, 'L' PIL label image), both size x size."""
+           fields: tuple[np.ndarray, np.ndarray], marks: bool = False):
+    """Render one image: returns (RGB PIL image, 'L' PIL label image), both size x size.
+
+    With ``marks``, also the mark map: (size, size) uint8, per pixel the 1-based index
+    into ``model.marks`` of the mark seen there, 0 for none.
+    """
     L, W, H = model.size
     eye, cam, scale, offset, screen = frame(model, view, size)
     light = _sph(view.azimuth + spec.light_az, spec.light_el)
@@ -375,7 +384,7 @@ def render(model: VehicleModel, spec: CameraSpec, view: View, size: int,
     order = _paint_order(model, eye, screen)
     spans = (model.spans * 2).tolist()       # PIL takes flat [x0, y0, x1, y1, ...] lists
     flat = screen.ravel().tolist()
-    labs = model.label.tolist()
+    labs = (model.label + 8 * model.mark).tolist()    # label in bits 0-2, mark index above
     visible = visible.tolist()
     for p in order:
         for sid, decals in model.parts[p]:
@@ -388,6 +397,12 @@ def render(model: VehicleModel, spec: CameraSpec, view: View, size: int,
             for did in decals:
                 a, b = spans[did]
                 draw.polygon(flat[a:b], fill=tuple(colours[did]))
+                if labs[did] != labs[sid]:               # a mark decal (or a plain one on a mark face)
+                    ldraw.polygon(flat[a:b], fill=labs[did])
+    both = np.asarray(labels)
+    mark_map = both >> 3
+    if model.mark.any():
+        labels = Image.fromarray(both & 7)
 
     # Camera: optical blur, then sensor noise.
     sigma = spec.blur * size / 128.0
@@ -397,4 +412,6 @@ def render(model: VehicleModel, spec: CameraSpec, view: View, size: int,
     ny, nx = view.noise_offset
     img = img + noise[ny:ny + size, nx:nx + size]
     rgb = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+    if marks:
+        return rgb, labels, mark_map
     return rgb, labels

@@ -3,11 +3,14 @@
 Vehicle frame (metres): ``x`` forward (the front is +x), ``y`` to the vehicle's
 left, ``z`` up; the origin is on the ground under the vehicle's centre.
 
-An identity is a body type (sedan, hatchback, SUV, van, pickup, bus, truck) with
-per-identity size jitter, a body colour from a small palette of common car colours
-(so many identities share type and colour), and 1-3 identity marks (sticker, roof
-box, stripe, spare wheel, bull bar, tint, ...) placed on specific faces, so each
-mark is visible only from some views.
+An identity is a look and a mark set. The look is a body type (sedan, hatchback,
+SUV, van, pickup, bus, truck) with size jitter, a body colour from a small palette
+of common car colours (so many looks share type and colour) and the fittings' styles
+(lamp shape, grille, tail lamps, rims, window layout, axles): everything drawn from
+the ``rng`` given to :func:`build_vehicle`. Identities of one look-alike family
+(:mod:`.families`) are built from the same seed, so they share all of that to the
+bit; only their 2-3 marks (:mod:`.marks`: stickers, roof box, stripes, spare wheel,
+bull bar, ...) differ, and each mark is visible only from some views.
 
 Every part is a convex polyhedron; each face is a planar convex polygon with a
 parsing label (0 background is never used here; 1 front, 2 back, 3 side, 4 top),
@@ -41,7 +44,7 @@ from .geometry import (
     frustum,
     rect,
 )
-from .marks import add_marks
+from .marks import add_marks, draw_mark_sets
 
 BODY_TYPES: tuple[str, ...] = ("sedan", "hatchback", "suv", "van", "pickup", "bus", "truck")
 _BODY_WEIGHTS = (0.27, 0.16, 0.22, 0.10, 0.08, 0.07, 0.10)
@@ -92,7 +95,7 @@ _CAR_TYPES = ("sedan", "hatchback", "suv", "van", "pickup")
 
 
 def _jitter(rng: np.random.Generator, spec: dict[str, float], scale: float = 0.05) -> dict[str, float]:
-    """Per-identity size jitter: every dimension scaled by its own factor in 1 +- scale."""
+    """Size jitter of a look (a family): every dimension scaled by its own factor in 1 +- scale."""
     return {k: v * float(1 + rng.uniform(-scale, scale)) for k, v in spec.items()}
 
 
@@ -216,8 +219,8 @@ def _car(b: Builder, kind: str, p: dict[str, float], paint, glass, rng: np.rando
     roof = cabin.faces["roof"]
     return dict(roof=roof, roof_x=(tx0, tx1), roof_hw=tw, roof_z=H, hood=body.faces["deck"],
                 hood_u=((x1 - xb) / (xf - xb), 1.0), sides=[body.faces["body_left"], body.faces["body_right"]],
-                back=body.faces["back"], front_x=L / 2, front_z=(clr, belt), hw=hw,
-                glass_faces=[cabin.faces["windshield"], cabin.faces["rear_window"]])
+                side_band=(0.1, 0.9), back=body.faces["back"], front_x=L / 2, front_z=(clr, belt), hw=hw,
+                windshield=cabin.faces["windshield"], rear_window=cabin.faces["rear_window"])
 
 
 def _bus(b: Builder, p: dict[str, float], paint, glass, rng: np.random.Generator) -> dict:
@@ -246,8 +249,9 @@ def _bus(b: Builder, p: dict[str, float], paint, glass, rng: np.random.Generator
     _wheels(b, [L / 2 - p["front_axle"], -L / 2 + p["rear_axle"]], hw, p["r"], [clr, clr], 0.30,
             _RIMS[int(rng.integers(3))])
     return dict(roof=cabin.faces["roof"], roof_x=(tx0, tx1), roof_hw=tw, roof_z=H, hood=None,
-                sides=[cabin.faces["cabin_left"], cabin.faces["cabin_right"]], back=body.faces["back"],
-                front_x=L / 2, front_z=(clr, belt), hw=hw, glass_faces=[cabin.faces["windshield"]])
+                sides=[cabin.faces["cabin_left"], cabin.faces["cabin_right"]], side_band=(0.02, 0.30),
+                back=body.faces["back"], front_x=L / 2, front_z=(clr, belt), hw=hw,
+                windshield=cabin.faces["windshield"], rear_window=None)
 
 
 def _truck(b: Builder, p: dict[str, float], paint, glass, rng: np.random.Generator) -> dict:
@@ -280,8 +284,9 @@ def _truck(b: Builder, p: dict[str, float], paint, glass, rng: np.random.Generat
     xs = [L / 2 - p["front_axle"]] + rear
     _wheels(b, xs, hw, p["r"], [clr] + [2 * p["r"]] * len(rear), 0.38, _RIMS[int(rng.integers(3))])
     return dict(roof=cabin.faces["roof"], roof_x=(xc + 0.1, L / 2 - 0.5), roof_hw=tw, roof_z=H, hood=None,
-                sides=[cargo.faces["cargo_left"], cargo.faces["cargo_right"]], back=back,
-                front_x=L / 2, front_z=(clr, belt), hw=hw, glass_faces=[cabin.faces["windshield"]])
+                sides=[cargo.faces["cargo_left"], cargo.faces["cargo_right"]], side_band=(0.1, 0.9), back=back,
+                front_x=L / 2, front_z=(clr, belt), hw=hw, windshield=cabin.faces["windshield"],
+                rear_window=None)
 
 
 # --------------------------------------------------------------------------- compiled model
@@ -297,12 +302,13 @@ class VehicleModel:
     material:    (S,) PAINT/GLASS/LAMP/MATTE
     colour:      (S, 3) float base colour (RGB 0..255)
     label:       (S,) uint8 parsing label of faces (decals: their face's label)
+    mark:        (S,) uint8, 0 or k: the surface belongs to mark ``marks[k - 1]``
     parts:       per part, a tuple of (face surface, (decal surfaces...))
     part_rows:   (P, 2) int, [start, stop) rows of ``verts`` holding part p (faces and decals)
     pair_lo/pair_hi/pair_normal/pair_offset: one separating plane per pair of parts;
                  ``pair_lo`` lies on the side ``normal . x < offset``
-    body, paint: body type and paint colour name; marks: the identity's marks
-    size:        (L, W, H) in metres
+    body, paint: body type and paint colour name; marks: the identity's mark names
+    size:        (L, W, H) in metres, of the vehicle without its marks (a family's is the same)
     """
     verts: np.ndarray
     spans: np.ndarray
@@ -311,6 +317,7 @@ class VehicleModel:
     material: np.ndarray
     colour: np.ndarray
     label: np.ndarray
+    mark: np.ndarray
     parts: tuple[tuple[tuple[int, tuple[int, ...]], ...], ...]
     part_rows: np.ndarray
     pair_lo: np.ndarray
@@ -372,11 +379,11 @@ def _separating_planes(part_verts: list[np.ndarray], normals: np.ndarray):
 
 def _compile(parts: list[Part], body: str, paint: str, marks: tuple[str, ...],
              size: tuple[float, float, float]) -> VehicleModel:
-    verts, spans, normal, point, material, colour, label = [], [], [], [], [], [], []
+    verts, spans, normal, point, material, colour, label, mark = [], [], [], [], [], [], [], []
     compiled, part_verts, part_rows = [], [], []
     n_rows = 0
 
-    def add(pts, n, mat, col, lab) -> int:
+    def add(pts, n, mat, col, lab, tag) -> int:
         nonlocal n_rows
         verts.append(pts)
         spans.append((n_rows, n_rows + len(pts)))
@@ -386,6 +393,7 @@ def _compile(parts: list[Part], body: str, paint: str, marks: tuple[str, ...],
         material.append(mat)
         colour.append(col)
         label.append(lab)
+        mark.append(tag)
         return len(spans) - 1
 
     for part in parts:
@@ -400,8 +408,8 @@ def _compile(parts: list[Part], body: str, paint: str, marks: tuple[str, ...],
             elif np.dot(n, face.pts.mean(0) - centre) < 0:
                 n = -n
             lab = face_label(n, face.role)
-            sid = add(face.pts, n, face.material, face.colour, lab)
-            decals = tuple(add(d.pts, n, d.material, d.colour, lab) for d in face.decals)
+            sid = add(face.pts, n, face.material, face.colour, lab, face.mark)
+            decals = tuple(add(d.pts, n, d.material, d.colour, lab, d.mark) for d in face.decals)
             entries.append((sid, decals))
         compiled.append(tuple(entries))
         part_rows.append((first_row, n_rows))
@@ -413,16 +421,29 @@ def _compile(parts: list[Part], body: str, paint: str, marks: tuple[str, ...],
         verts=np.concatenate(verts), spans=np.asarray(spans, dtype=np.int64),
         normal=np.asarray(normal), point=np.asarray(point), material=np.asarray(material, dtype=np.int8),
         colour=np.asarray(colour, dtype=np.float64), label=np.asarray(label, dtype=np.uint8),
-        parts=tuple(compiled), part_rows=np.asarray(part_rows, dtype=np.int64),
+        mark=np.asarray(mark, dtype=np.uint8), parts=tuple(compiled), part_rows=np.asarray(part_rows, dtype=np.int64),
         pair_lo=np.asarray(lo, dtype=np.int64), pair_hi=np.asarray(hi, dtype=np.int64),
         pair_normal=np.asarray(pn).reshape(-1, 3), pair_offset=np.asarray(po),
         body=body, paint=paint, marks=marks, size=size)
 
 
-def build_vehicle(rng: np.random.Generator, body: str | None = None) -> VehicleModel:
-    """Draw one identity from ``rng``: body type, size, paint, fittings and 1-3 marks."""
+def draw_body(rng: np.random.Generator) -> str:
+    """A body type, drawn with the road-like frequencies of ``_BODY_WEIGHTS``."""
+    return BODY_TYPES[int(rng.choice(len(BODY_TYPES), p=np.asarray(_BODY_WEIGHTS) / sum(_BODY_WEIGHTS)))]
+
+
+def build_vehicle(rng: np.random.Generator, body: str | None = None, marks: tuple[str, ...] | None = None,
+                  mark_rng: np.random.Generator | None = None) -> VehicleModel:
+    """Build one identity: the look drawn from ``rng``, then the marks ``marks``.
+
+    ``rng`` draws the body type (unless ``body`` is given), size jitter, paint and
+    every fitting's style, and nothing else, so two calls with equally seeded
+    generators give the same look (a family). ``marks`` are mark names forming one
+    of :func:`.marks.mark_sets`; ``None`` draws a set from ``rng``. ``mark_rng``
+    draws the marks' placement and colours (default: ``rng``, after the look).
+    """
     if body is None:
-        body = BODY_TYPES[int(rng.choice(len(BODY_TYPES), p=np.asarray(_BODY_WEIGHTS) / sum(_BODY_WEIGHTS)))]
+        body = draw_body(rng)
     elif body not in _SPECS:
         raise ValueError(f"body type {body!r}: expected one of {', '.join(BODY_TYPES)}")
     spec = _jitter(rng, _SPECS[body])
@@ -435,6 +456,8 @@ def build_vehicle(rng: np.random.Generator, body: str | None = None) -> VehicleM
         ctx = _bus(b, spec, paint, glass, rng)
     else:
         ctx = _truck(b, spec, paint, glass, rng)
-    marks = add_marks(b, ctx, rng, paint, body)
-    height = max(float(p.faces[r].pts[:, 2].max()) for p in b.parts for r in p.faces)
-    return _compile(b.parts, body, paint_name, marks, (spec["L"], spec["W"], height))
+    height = max(float(p.faces[r].pts[:, 2].max()) for p in b.parts for r in p.faces)   # before marks
+    if marks is None:
+        marks = draw_mark_sets(rng, body, 1)[0]
+    names = add_marks(b, ctx, rng if mark_rng is None else mark_rng, paint, body, tuple(marks))
+    return _compile(b.parts, body, paint_name, names, (spec["L"], spec["W"], height))
