@@ -61,10 +61,14 @@ class DataConfig:
     relative to the project root. For ``synthetic`` it must be ``synth.out_dir``.
     ``test_subset`` picks the test list: VehicleID 800/1600/2400 (also 3200, 6000,
     13164), VERI-Wild small/medium/large; ignored by VeRi-776 and synthetic.
+    ``val_ids`` training identities (the highest vids) are held out as the validation
+    splits ``val_query``/``val_gallery`` (:mod:`pipeline.data.holdout`): in-loop
+    validation and the choice of λ use them, never the test split. 0: none.
     """
     source: DatasetName = "synthetic"
     root: str = "data/synthetic"
     test_subset: str | None = None
+    val_ids: int = _bounded(0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -263,14 +267,16 @@ class ReidConfig:
 class EvalConfig:
     """Evaluation (evaluate stage): ``D = D_g + lam * D_l`` ranked block by block.
 
-    ``lam`` null takes the model variant's own (paper 1.0, official 0.5).
+    ``lam``: a number, null (the model variant's own: paper 1.0, official 0.5) or ``val``: the
+    λ of the best mAP on the held-out validation identities (``data.val_ids``;
+    :mod:`pipeline.evaluation.lam_scan`), the variant's own when there are none.
     VeRi-776 and synthetic always drop gallery images with the query's id and camera;
     ``remove_junk`` switches it for VERI-Wild (the paper keeps them, toolkits remove them).
     Re-ranking is k-reciprocal with k1, k2, ``rerank_lambda``. ``grid_queries`` ranked lists
     are drawn (first and worst). ``bootstrap`` resamples of the query identities give the
     95% intervals and paired differences (docs/method.md §9); 0 turns them off.
     """
-    lam: float | None = _bounded(None, ge=0.0)
+    lam: float | Literal["val"] | None = _bounded("val", ge=0.0)
     batch_size: int = _bounded(64, ge=1)
     query_block: int = _bounded(1024, ge=1)
     gallery_block: int = _bounded(8192, ge=1)
@@ -580,6 +586,7 @@ def _describe(tp: Any) -> str:
 
 def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
     items = value if isinstance(value, tuple) else (value,)
+    items = [v for v in items if not isinstance(v, str)]   # a literal option (e.g. eval.lam: val) has no range
     tests = {"ge": (lambda v, b: v >= b, ">="), "le": (lambda v, b: v <= b, "<="),
              "gt": (lambda v, b: v > b, ">"), "lt": (lambda v, b: v < b, "<")}
     for item in items:

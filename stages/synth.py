@@ -3,7 +3,8 @@
     dvc repro synth                 # as part of the pipeline
     python stages/synth.py          # the same, by hand (reads ./params.yaml)
 
-Reads params ``seed`` and ``synth``. Writes ``synth.out_dir`` (images, name lists, label
+Reads params ``seed``, ``synth`` and ``data.val_ids`` (the held-out training identities get
+families of their own). Writes ``synth.out_dir`` (images, name lists, label
 PNGs, views.csv), ``reports/synth_contact_sheet.png`` (whole look-alike families of the
 test split, one member per row), ``reports/synth.json`` (the full summary, mark
 visibility included) and ``metrics/synth.json`` (the headline numbers;
@@ -17,7 +18,7 @@ from pipeline.config import Params, ParamsView, stage_params
 from pipeline.data.synthetic import identities, render_dataset, write_contact_sheet
 from pipeline.tracking import headline, stage_run, without_timings
 
-PARAMS = ("seed", "synth")
+PARAMS = ("seed", "synth", "data.val_ids")
 CONTACT_SHEET = Path("reports/synth_contact_sheet.png")
 METRICS, REPORT = Path("metrics/synth.json"), Path("reports/synth.json")
 HEADLINE = {"images": "images_rendered", "train_ids": "splits.train.identities",
@@ -32,9 +33,10 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
     params = stage_params(params, PARAMS, "synth", root / "params.yaml")
     out_dir = root / params.synth.out_dir
     with stage_run("synth", params) as run:
-        summary = render_dataset(params.synth, out_dir, params.seed, show_progress=True)
+        summary = render_dataset(params.synth, out_dir, params.seed, show_progress=True,
+                                 val_ids=params.data.val_ids)
         write_contact_sheet(out_dir, root / CONTACT_SHEET, n_ids=SHEET_ROWS,
-                            identities=identities(params.synth, params.seed))
+                            identities=identities(params.synth, params.seed, params.data.val_ids))
         atomic.write_json(root / REPORT, without_timings(summary))
         atomic.write_json(root / METRICS, headline(summary, HEADLINE))
         run.log_metrics(summary)

@@ -20,7 +20,7 @@ TINY = [
     "synth.train_ids=6", "synth.test_ids=4", "synth.cameras=4",
     "synth.cameras_per_id=[2, 3]", "synth.images_per_camera=[1, 2]",
     "synth.image_size=64", "synth.workers=1",
-    "shard.samples_per_shard=8", "shard.min_shards=2", "shard.workers=1",
+    "shard.samples_per_shard=8", "shard.min_shards=2", "shard.workers=1", "data.val_ids=0",
 ]
 
 

@@ -92,7 +92,7 @@ def test_real_dataset_layout_goes_through_the_same_stage(tmp_path):
     project = make_repo(tmp_path, overrides=["data.source=veri776", f"data.root={tree.root}",
                                              "shard.samples_per_shard=8", "shard.min_shards=2",
                                              "shard.workers=1", "synth.workers=1", "synth.train_ids=4",
-                                             "synth.test_ids=2", "synth.image_size=48"])
+                                             "synth.test_ids=2", "synth.image_size=48", "data.val_ids=0"])
     run([str(VENV_BIN / "dvc"), "repro", "shard"], project)
     manifest = json.loads((project / "data/shards/manifest.json").read_text())
     assert manifest["source"] == "veri776" and manifest["root"] == str(tree.root)

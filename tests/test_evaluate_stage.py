@@ -82,7 +82,7 @@ def test_evaluate_writes_intervals_crossview_and_per_query_rows(project):
         assert d["mAP_lo"] <= d["mAP"] <= d["mAP_hi"]
     assert report["bootstrap"]["resamples"] == 1000 and report["bootstrap"]["unit"] == "query identity"
     headline = json.loads((project / "metrics/eval.json").read_text())
-    assert set(headline) == {"mAP", "mAP_lo", "mAP_hi", "rank1", "rank5", "mINP", "mAP_global", "mAP_local"}
+    assert set(headline) == {"mAP", "mAP_lo", "mAP_hi", "rank1", "mINP", "mAP_global", "mAP_local", "lam"}
     assert headline["mAP_lo"] == report["pven"]["mAP_lo"]
     intervals = json.loads((project / "metrics/eval_intervals.json").read_text())
     assert intervals["mAP_pven_minus_global"] == report["differences"]["pven_minus_global"]["mAP"]

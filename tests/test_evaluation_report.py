@@ -111,3 +111,19 @@ def test_vehicleid_intervals_cover_the_mean_over_repeats():
     assert s.metrics["bootstrap"]["num_queries"] == 3 * 90 and s.metrics["bootstrap"]["num_ids"] == 30
     assert "crossview" not in s.metrics
     assert len(s.queries) == 3 * 90 and {r["repeat"] for r in s.queries} == {0, 1, 2}
+
+
+def test_lambda_comes_from_validation_and_never_from_the_test_split():
+    from pipeline.evaluation.lam_scan import LAM_GRID, best_lambda
+    from pipeline.evaluation.report import choose_lambda
+    q, g = make_problem(4, nq=12, ng=40, nid=6)[:2]
+    base = DistanceSpec()
+    spec, record, rows = choose_lambda(base, "val", (q, g))
+    assert record["rule"] == "validation" and [r["lam"] for r in record["scan"]] == list(LAM_GRID)
+    assert spec.lam_value == record["chosen"] == best_lambda(record["scan"]) and len(rows) == len(LAM_GRID)
+    assert record["val_mAP_at_chosen"] == max(r["mAP"] for r in record["scan"])
+    fixed, rec, _ = choose_lambda(base, 0.25, (q, g))
+    assert fixed.lam_value == 0.25 and rec["rule"] == "fixed" and "scan" in rec   # the curve is reported anyway
+    variant, rec, rows = choose_lambda(DistanceSpec(variant="official"), "val", None)
+    assert variant.lam_value == 0.5 and rec["rule"].startswith("variant") and rows == []
+    assert best_lambda([{"lam": 0.0, "mAP": 0.5}, {"lam": 1.0, "mAP": 0.5}, {"lam": 2.0, "mAP": float("nan")}]) == 0.0

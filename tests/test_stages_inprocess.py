@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 STAGES = ("check_params", "synth", "shard", "train_parser", "masks", "train_reid", "evaluate")
 SHRUNK = [*TINY, f"parser.encoder={TINY_ENCODER}", "parser.image_size=32", "parser.epochs=1", "parser.batch_size=4",
           "parser.num_workers=0", "parser.val_fraction=0.3", "masks.num_workers=0", *REID_TINY,
-          "reid.val_every=1", "reid.num_workers=0", "eval.num_workers=0", "eval.grid_queries=2"]
+          "reid.val_every=1", "reid.num_workers=0", "eval.num_workers=0", "eval.grid_queries=2",
+          "synth.train_ids=9", "data.val_ids=3"]   # 6 training identities, 3 held out for validation
 
 
 @pytest.fixture
@@ -80,6 +81,13 @@ def test_every_stage_runs_in_process_and_reads_exactly_its_params(project):
         assert 2 <= len(headline) <= 8 and all(isinstance(v, (int, float)) for v in headline.values()), headline
     assert returned["train_reid"]["epochs"] == 2 and "val_mAP" in returned["train_reid"]
     assert {"global", "local", "pven"} <= set(returned["evaluate"])
+    # Validation identities: held out of training, ranked in the loop and for the choice of λ.
+    shards = returned["shard"]
+    assert shards["train"]["identities"] == 6 and shards["val_gallery"]["identities"] == 3
+    assert returned["train_reid"]["validated_on"] == "val_query/val_gallery"
+    lam = returned["evaluate"]["lam"]
+    assert lam["rule"] == "validation" and lam["chosen"] == max(lam["scan"], key=lambda r: (r["mAP"], -r["lam"]))["lam"]
+    assert (project / "plots/lam_scan.csv").read_text().count("\n") == len(lam["scan"]) + 1
     assert (project / "reports/ranked_worst.png").stat().st_size > 0
 
     # The same inputs again (training from scratch, not resumed): every output identical.

@@ -5,12 +5,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Split = Literal["train", "query", "gallery", "test"]
+Split = Literal["train", "query", "gallery", "test", "val_query", "val_gallery"]
 """``test`` is a pool without a fixed query/gallery split (VehicleID: the
 evaluation protocol draws the gallery from it); VeRi-776, VERI-Wild and the
-synthetic set have explicit ``query`` and ``gallery`` splits."""
+synthetic set have explicit ``query`` and ``gallery`` splits. ``val_query`` /
+``val_gallery`` are training identities held out for validation
+(:mod:`pipeline.data.holdout`, ``data.val_ids``)."""
 
-SPLITS: tuple[str, ...] = ("train", "query", "gallery", "test")
+SPLITS: tuple[str, ...] = ("train", "query", "gallery", "test", "val_query", "val_gallery")
+VAL_SPLITS: tuple[str, str] = ("val_query", "val_gallery")
 
 # Columns of the synthetic set's views.csv (written by the renderer, read by sources):
 # image folder and file name, vehicle id, camera, and the view in degrees.

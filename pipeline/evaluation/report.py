@@ -36,6 +36,7 @@ from .bootstrap import LEVEL, IdentityBootstrap
 from .crossview import BINS, SUBSETS, bin_centre, crossview_metrics
 from .dense import pven_distance
 from .features import FeatureSet
+from .lam_scan import LAM_GRID, best_lambda, scan_lambda
 from .metrics import RankMetrics
 from .protocols import ProtocolResult, evaluate_protocol
 from .rerank import RerankConfig
@@ -86,9 +87,8 @@ def view_angles(sets: dict[str, tuple[FeatureSet, list[str]]]) -> tuple[np.ndarr
 
 def score(sets: dict[str, tuple[FeatureSet, list[str]]], cfg: EvalConfig, *, source: str,
           test_subset: str | None, seed: int, base: DistanceSpec) -> Scores:
-    """Metrics of the three modes of the model's distance ``base`` (its mode is replaced), λ = ``cfg.lam``
-    where set (see module docstring)."""
-    base = dataclasses.replace(base, lam=cfg.lam) if cfg.lam is not None else base
+    """Metrics of the three modes of the model's distance ``base`` (its mode is replaced; its λ is
+    the one :func:`choose_lambda` chose) (see module docstring)."""
     kwargs = protocol_kwargs(cfg, source, test_subset, seed, sets)
     views = view_angles(sets)
     metrics: dict[str, Any] = {}
@@ -330,3 +330,43 @@ def cmc_chart(cmc: list[dict]) -> Any:
     """The CMC curves of the three modes as a PIL image (docs: reports/cmc.png)."""
     return line_chart(cmc, "rank", list(MODES), title="CMC: global (D_g), local (D_l) and PVEN distance",
                       x_label="rank", y_label="matching rate")
+
+
+# --------------------------------------------------------------------------- lambda
+
+LAM_COLUMNS = ("lam", "log2_lam", "mAP", "rank1")
+
+
+def choose_lambda(base: DistanceSpec, lam: float | str | None,
+                  validation: tuple[FeatureSet, FeatureSet] | None) -> tuple[DistanceSpec, dict[str, Any], list[dict]]:
+    """The spec to score the test split with, the record of how its λ was chosen, and the scan's rows.
+
+    ``lam`` is ``eval.lam``: a number (used as is), None (the variant's) or ``"val"`` (the best
+    validation mAP of :func:`~pipeline.evaluation.lam_scan.scan_lambda`; the variant's when
+    ``validation`` is None). The scan runs whenever validation features exist, so the curve
+    is reported whatever the rule.
+    """
+    rows = scan_lambda(*validation, base) if validation is not None else []
+    if lam == "val":
+        rule = "validation" if rows else "variant (no validation identities)"
+        chosen = best_lambda(rows) if rows else None
+    else:
+        rule, chosen = ("fixed", float(lam)) if lam is not None else ("variant", None)
+    spec = dataclasses.replace(base, lam=chosen) if chosen is not None else base
+    record = {"chosen": spec.lam_value, "rule": rule, "variant_lam": dataclasses.replace(base, lam=None).lam_value}
+    if rows:
+        record["scan"] = rows
+        record["val_mAP_at_chosen"] = next((r["mAP"] for r in rows if r["lam"] == spec.lam_value), math.nan)
+    plot = [{"lam": r["lam"], "log2_lam": math.log2(r["lam"]) if r["lam"] > 0 else math.log2(LAM_GRID[1]) - 1,
+             "mAP": r["mAP"], "rank1": r["rank1"]} for r in rows]
+    return spec, record, plot
+
+
+def lam_chart(rows: list[dict[str, Any]], chosen: float) -> Any:
+    """Validation mAP and rank-1 against log2 λ (λ = 0 drawn one step left of the smallest λ)."""
+    title = f"Validation metrics against the inference weight λ (chosen λ = {chosen:g})"
+    if not rows:
+        rows = [{"log2_lam": 0.0, "mAP": math.nan, "rank1": math.nan}]
+        title = "λ scan: no validation identities (data.val_ids: 0)"
+    return line_chart(rows, "log2_lam", ["mAP", "rank1"], title=title,
+                      x_label="log2 λ (leftmost point: λ = 0, D_g alone)", y_label="validation metric")

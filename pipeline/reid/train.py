@@ -22,7 +22,8 @@ What one call does:
    optimizer and lr steps, and the centre update when the centre loss is on
    (``official``). Checkpoints every ``reid.checkpoint_every`` steps and at
    each epoch end (then with ``epoch + 1``).
-5. Every ``reid.val_every`` epochs: query vs gallery mAP of the masked shards by
+5. Every ``reid.val_every`` epochs: query vs gallery mAP of the masked shards (the held-out
+   validation identities when there are any, :func:`validation_splits`) by
    :mod:`pipeline.evaluation` (the evaluate stage's metrics) with the variant's PVEN
    distance (and with D_g alone): features extracted by all ranks, gathered and ranked
    on rank 0, the metrics broadcast so that every rank returns the same numbers.
@@ -53,6 +54,7 @@ import torch.distributed as dist
 
 from pipeline import atomic
 from pipeline.config import Params
+from pipeline.data.records import VAL_SPLITS
 from pipeline.data.shards import TrainStream, iter_samples, read_manifest, shard_urls
 from pipeline.data.transforms import normalize_images
 from pipeline.dist.backends import BackendOptions, make_backend
@@ -168,11 +170,20 @@ def _seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------- validation
 
+def validation_splits(splits: dict) -> tuple[str, str] | None:
+    """The (query, gallery) splits in-loop validation ranks: the held-out training identities
+    (``data.val_ids``) when the shards have them, else the test query/gallery, else None."""
+    for pair in (VAL_SPLITS, ("query", "gallery")):
+        if all(split in splits for split in pair):
+            return pair
+    return None
+
+
 def validate(backend, data_dir: Path, params: Params, info: DistInfo) -> dict[str, float]:
     """Query vs gallery metrics of the current model (every rank gets the same numbers)."""
-    splits = read_manifest(data_dir)["splits"]
-    if "query" not in splits or "gallery" not in splits:
-        return {}  # e.g. VehicleID: the evaluate stage draws its galleries
+    pair = validation_splits(read_manifest(data_dir)["splits"])
+    if pair is None:
+        return {}  # e.g. VehicleID without held-out identities: the evaluate stage draws its galleries
     cfg = params.reid
     backend.sync_buffers()
     backend.eval()
@@ -180,7 +191,7 @@ def validate(backend, data_dir: Path, params: Params, info: DistInfo) -> dict[st
     def forward(images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         return backend.forward(normalize_images(images.to(info.device), cfg.channels_last), masks.to(info.device))
     sets = [gather_features(forward, data_dir, split, info, size=tuple(cfg.image_size), batch_size=VAL_BATCH,
-                            num_workers=cfg.num_workers) for split in ("query", "gallery")]
+                            num_workers=cfg.num_workers) for split in pair]
     backend.train()
     metrics = None
     if info.is_main:  # one rank ranks; the others would repeat the same work on the same cores
@@ -332,6 +343,8 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
         result.model_path = save_model(out_dir, backend.module, weights, class_vids, cfg)
     barrier(info)
     result.summary = summarize(history, step_rows)
+    if "val_mAP" in result.summary:   # which identities the in-loop numbers come from
+        result.summary["validated_on"] = "/".join(validation_splits(read_manifest(data_dir)["splits"]))
     return result
 
 

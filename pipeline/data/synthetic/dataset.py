@@ -253,7 +253,7 @@ def _remove_stale(out_dir: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int, show_progress: bool = False) -> dict:
+def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int, show_progress: bool = False, val_ids: int = 0) -> dict:
     """Render the dataset described by ``cfg`` into ``out_dir`` (replaced atomically).
 
     Uses ``cfg.workers`` processes (spawn context: safe whatever the parent has
@@ -275,7 +275,7 @@ def render_dataset(cfg: SynthConfig, out_dir: Path, seed: int, show_progress: bo
         raise ValueError(f"synth.out_dir: {out_dir} exists and is not a folder; expected a "
                          f"folder (or nothing) to write the dataset into")
     groups = plan(cfg, seed)
-    people = identities(cfg, seed)
+    people = identities(cfg, seed, val_ids)   # val_ids: see identities (families of their own)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     _remove_stale(out_dir)

@@ -88,13 +88,22 @@ def _mark_rng(seed: int, vid: int) -> np.random.Generator:
     return np.random.default_rng([seed, 0x40DE1, vid])
 
 
-def identities(cfg: SynthConfig, seed: int) -> list[Identity]:
-    """Every identity of the dataset, in vid order (1..train_ids+test_ids)."""
+def identities(cfg: SynthConfig, seed: int, val_ids: int = 0) -> list[Identity]:
+    """Every identity of the dataset, in vid order (1..train_ids+test_ids).
+
+    ``val_ids`` (``data.val_ids``): the last ``val_ids`` train ids, which the shard stage holds
+    out for validation, are cut into families of their own, so no family straddles the
+    training and validation identities either.
+    """
+    if not 0 <= val_ids < cfg.train_ids:
+        raise ValueError(f"data.val_ids: got {val_ids}, expected 0 <= val_ids < synth.train_ids ({cfg.train_ids})")
     lo, hi = cfg.family_size
     out: list[Identity] = []
     family = 0
-    for split_index, (split, first, count) in enumerate((("train", 1, cfg.train_ids),
-                                                         ("test", cfg.train_ids + 1, cfg.test_ids))):
+    ranges = [(0, "train", 1, cfg.train_ids - val_ids), (1, "test", cfg.train_ids + 1, cfg.test_ids)]
+    if val_ids:  # its own size stream (index 2): the test families do not move with val_ids
+        ranges.insert(1, (2, "train", cfg.train_ids - val_ids + 1, val_ids))
+    for split_index, split, first, count in ranges:
         vid = first
         for size in family_sizes(count, lo, hi, np.random.default_rng([seed, 0xFA11, split_index])):
             family += 1
