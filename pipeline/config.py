@@ -609,6 +609,9 @@ def _check_cross_fields(p: Params) -> None:
                           f"synth.cameras={p.synth.cameras}")
     if p.parser.image_size % 32:
         raise ConfigError(f"parser.image_size: got {p.parser.image_size}, expected a multiple of 32 (U-Net depth 5)")
+    if p.data.source == "synthetic" and p.data.val_ids > p.synth.train_ids - 2:
+        raise ConfigError(f"data.val_ids: got {p.data.val_ids}, but synth.train_ids={p.synth.train_ids} leaves fewer "
+                          f"than 2 training identities; expected at most {p.synth.train_ids - 2}")
     if p.data.source == "synthetic" and Path(p.data.root) != Path(p.synth.out_dir):
         raise ConfigError(f"data.root: got {p.data.root!r}; with data.source 'synthetic' it must be "
                           f"synth.out_dir ({p.synth.out_dir!r})")

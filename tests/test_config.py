@@ -47,7 +47,7 @@ def test_the_variant_sets_the_method_keys_left_null_and_each_can_be_overridden()
 
 
 def test_dotted_overrides_are_parsed_as_yaml_and_validated():
-    params = load_params(ROOT / "params.yaml", ["synth.train_ids=7", "shard.resize=[64, 96]",
+    params = load_params(ROOT / "params.yaml", ["synth.train_ids=7", "data.val_ids=0", "shard.resize=[64, 96]",
                                                 "synth.label_fraction=1"])
     assert params.synth.train_ids == 7
     assert params.shard.resize == (64, 96)
@@ -55,6 +55,7 @@ def test_dotted_overrides_are_parsed_as_yaml_and_validated():
 
 
 @pytest.mark.parametrize("override, needle", [
+    ("data.val_ids=179", "data.val_ids: got 179, but synth.train_ids=180 leaves fewer than 2 training identities"),
     ("synth.train_idz=3", "synth.train_idz: unknown key"),
     ("synth.train_ids=many", "synth.train_ids: got 'many' (str), expected int"),
     ("synth.train_ids=true", "synth.train_ids: got True (bool), expected int"),
