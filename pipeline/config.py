@@ -308,6 +308,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reid.image_size": [256, 256],
         "reid.P": 16,
         "reid.K": 4,
+        "reid.lr": 0.00035,   # Adam 3.5e-4 (configs/veri776_b64_pven.yml); the default's 1e-3 is for random init
         "reid.epochs": 120,
         "reid.batches_per_epoch": None,   # one pass over the training images per epoch
         "reid.warmup_epochs": 10,

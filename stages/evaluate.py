@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline import atomic, cli
 from pipeline.config import Params, ParamsView, stage_params
-from pipeline.data.records import VAL_SPLITS
+from pipeline.data.records import held_out_pair
 from pipeline.data.shards import fetch_samples, read_manifest
 from pipeline.dist.env import init_distributed, shutdown
 from pipeline.evaluation.features import load_features
@@ -73,7 +73,7 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
     info = init_distributed()
     model, meta = load_model(root / params.reid.out_dir / MODEL_FILE, info.device)
     splits = ["test"] if source == "vehicleid" else ["query", "gallery"]
-    val = [s for s in VAL_SPLITS if s in read_manifest(masked)["splits"]]   # held-out ids (data.val_ids)
+    val = list(held_out_pair(read_manifest(masked)["splits"]) or ())   # held-out ids (data.val_ids)
     try:
         with stage_run("evaluate", params) as run:
             for split in splits + val:
@@ -82,7 +82,7 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
             if not info.is_main:
                 return None
             sets = {split: load_features(root / EMBEDDINGS / split) for split in splits}
-            validation = tuple(load_features(root / EMBEDDINGS / split)[0] for split in val) if len(val) == 2 else None
+            validation = tuple(load_features(root / EMBEDDINGS / split)[0] for split in val) if val else None
             base, lam, lam_rows = choose_lambda(spec_for(meta.get("distance", {"variant": meta["variant"]})),
                                                 cfg.lam, validation)
             scores = score(sets, cfg, source=source, test_subset=params.data.test_subset, seed=params.seed, base=base)

@@ -21,6 +21,7 @@ from pipeline.parsing.data import annotated_subset
 from pipeline.parsing.model import CHECKPOINT
 from pipeline.parsing.report import parser_metrics, save_png, val_overlays
 from pipeline.parsing.train import train_parser
+from pipeline.threads import training_threads
 from pipeline.tracking import headline, stage_run, without_timings
 
 PARAMS = ("seed", "parser", "shard.out_dir")
@@ -47,8 +48,9 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
         train, val = annotated_subset(root / params.shard.out_dir, cfg.val_fraction, params.seed)
         print(f"train_parser: {len(train)} train / {len(val)} val annotated images")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        result = train_parser(cfg, train, val, params.seed, root / cfg.out_dir, device=device,
-                              show_progress=True, on_epoch=on_epoch)
+        with training_threads(cfg.num_workers, device):
+            result = train_parser(cfg, train, val, params.seed, root / cfg.out_dir, device=device,
+                                  show_progress=True, on_epoch=on_epoch)
         metrics = parser_metrics(result)
         atomic.write_json(root / REPORT, without_timings(metrics))
         atomic.write_json(root / METRICS, headline(metrics, HEADLINE))

@@ -15,6 +15,11 @@ synthetic set have explicit ``query`` and ``gallery`` splits. ``val_query`` /
 SPLITS: tuple[str, ...] = ("train", "query", "gallery", "test", "val_query", "val_gallery")
 VAL_SPLITS: tuple[str, str] = ("val_query", "val_gallery")
 
+
+def held_out_pair(splits) -> tuple[str, str] | None:
+    """``VAL_SPLITS`` when ``splits`` (names, e.g. a shard manifest's ``splits``) holds both, else None."""
+    return VAL_SPLITS if all(split in splits for split in VAL_SPLITS) else None
+
 # Columns of the synthetic set's views.csv (written by the renderer, read by sources):
 # image folder and file name, vehicle id, camera, and the view in degrees.
 VIEWS_COLUMNS: tuple[str, ...] = ("folder", "name", "vid", "camera", "azimuth_deg", "elevation_deg")

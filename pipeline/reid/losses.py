@@ -37,7 +37,7 @@ def id_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.1) 
     return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
 
 
-def batch_hard_triplet(dist: torch.Tensor, labels: torch.Tensor, margin: float,
+def batch_hard_triplet(distances: torch.Tensor, labels: torch.Tensor, margin: float,
                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Batch-hard triplet loss of a (B, B) distance matrix; ``valid`` (B, B) bool limits the pairs mined.
 
@@ -46,18 +46,18 @@ def batch_hard_triplet(dist: torch.Tensor, labels: torch.Tensor, margin: float,
     waits on the device here.
     """
     same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=dist.device)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=distances.device)
     pos = same & ~eye
     neg = ~same
     if valid is not None:
         pos, neg = pos & valid, neg & valid
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+    inf = torch.tensor(float("inf"), dtype=distances.dtype, device=distances.device)
     # where() with a constant routes no gradient to the pairs not mined.
-    d_ap = torch.where(pos, dist, -inf).max(1).values
-    d_an = torch.where(neg, dist, inf).min(1).values
+    d_ap = torch.where(pos, distances, -inf).max(1).values
+    d_an = torch.where(neg, distances, inf).min(1).values
     counted = pos.any(1) & neg.any(1)
     # Uncounted anchors hold +-inf: select before subtracting (inf - inf would be NaN).
-    zero = torch.zeros((), dtype=dist.dtype, device=dist.device)
+    zero = torch.zeros((), dtype=distances.dtype, device=distances.device)
     gap = torch.where(counted, d_ap, zero) - torch.where(counted, d_an, zero) + margin
     per_anchor = torch.where(counted, F.relu(gap), zero)
     n = counted.sum()

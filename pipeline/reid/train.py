@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from pipeline import atomic
 from pipeline.config import Params
-from pipeline.data.records import VAL_SPLITS
+from pipeline.data.records import held_out_pair
 from pipeline.data.shards import TrainStream, iter_samples, read_manifest, shard_urls
 from pipeline.data.transforms import normalize_images
 from pipeline.dist.backends import BackendOptions, make_backend
@@ -173,10 +173,8 @@ def _seed_everything(seed: int) -> None:
 def validation_splits(splits: dict) -> tuple[str, str] | None:
     """The (query, gallery) splits in-loop validation ranks: the held-out training identities
     (``data.val_ids``) when the shards have them, else the test query/gallery, else None."""
-    for pair in (VAL_SPLITS, ("query", "gallery")):
-        if all(split in splits for split in pair):
-            return pair
-    return None
+    test_pair = ("query", "gallery") if "query" in splits and "gallery" in splits else None
+    return held_out_pair(splits) or test_pair
 
 
 def validate(backend, data_dir: Path, params: Params, info: DistInfo) -> dict[str, float]:
