@@ -2,6 +2,7 @@
 #   make repro   set everything up, then run the pipeline (dvc repro) on params.yaml
 #   make test    set everything up, then run the test suite
 #   make lint    set everything up, then lint the code (ruff, config in pyproject.toml)
+#   make tune    set everything up, then the Ray Tune sweep (tune/dvc.yaml: not part of `make repro`)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(CURDIR)/$(VENV)/bin
@@ -15,16 +16,16 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup repro test lint clean-outputs
+.PHONY: setup repro test lint tune clean-outputs
 
 setup: $(VENV)/.installed
 
 # torch/torchvision first and pinned (constraints.txt): they are served locally and any
 # other release would be a multi-GB download. Re-runs when the dependency list changes.
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,tune]'
 	touch $@
 
 repro: setup
@@ -32,6 +33,9 @@ repro: setup
 
 test: setup
 	python -m pytest
+
+tune: setup
+	dvc repro tune/dvc.yaml
 
 lint: setup
 	ruff check .

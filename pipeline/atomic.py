@@ -7,6 +7,7 @@ so the final ``os.replace`` is atomic) and renames it over the destination
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -14,6 +15,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# The errno values of a write that failed because of the destination (full, read-only, no permission).
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 
 @contextlib.contextmanager
@@ -25,15 +29,58 @@ def replacing(path: str | Path) -> Iterator[Path]:
     0600): metrics, manifests and models stay readable by the rest of a team.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise _naming(exc, path) from exc
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        # ENOSPC from deep inside a writer (torch.save, PIL) names no file: say which one failed.
+        raise _naming(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The same kind of OSError, with a message that names ``path`` and says nothing was written."""
+    reason = exc.strerror or str(exc)
+    return type(exc)(exc.errno, f"could not write {path} ({reason}); the previous file, if any, is unchanged")
+
+
+def check_writable(folder: str | Path, need_bytes: int = 0, what: str = "") -> None:
+    """Raise OSError naming ``folder`` (and ``what``, e.g. the params key) unless a file can be created
+    in it and its filesystem has ``need_bytes`` free: the check a long run makes before it starts."""
+    folder = Path(folder)
+    label = f"{what} {folder}" if what else str(folder)
+    probe = folder / f".write-probe.{os.getpid()}-{secrets.token_hex(4)}"
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again: a check leaves nothing
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0")
+            f.flush()
+            os.fsync(f.fileno())
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"{label} is not writable ({exc.strerror or exc}): fix the path or its "
+                                   f"permissions before training starts") from exc
+    finally:
+        with contextlib.suppress(OSError):  # e.g. NotADirectoryError when the "folder" is a file
+            probe.unlink(missing_ok=True)
+        for made in created:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    if free < need_bytes:
+        raise OSError(errno.ENOSPC, f"{label}: {free / 1e6:.1f} MB free, at least {need_bytes / 1e6:.1f} MB needed "
+                                    f"(one checkpoint / model): free space or point it elsewhere")
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PALETTE", "line_chart", "nice_ticks", "font", "text_size", "draw_text"]
+__all__ = ["PALETTE", "line_chart", "parallel_chart", "nice_ticks", "font", "text_size", "draw_text"]
 
 # Series colours (Tableau 10): distinct, readable on white, none of them grey.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -245,4 +245,78 @@ def line_chart(rows: list[dict], x: str, ys: list[str], *, title: str, x_label: 
         mid = row_y + (line_h - 4) / 2
         draw.line([(lx + pad, mid), (lx + pad + swatch - 6, mid)], fill=colour, width=3)
         draw_text(image, (lx + pad + swatch, row_y), name, legend_px, fill=ink)
+    return image
+
+
+def _blend(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
+    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
+
+
+def parallel_chart(rows: list[dict], columns: list[str], colour_by: str, *, title: str,
+                   size: tuple[int, int] = (760, 420), higher_is_better: bool = True,
+                   labels: dict[str, str] | None = None) -> Image.Image:
+    """Parallel coordinates: one vertical axis per column of ``columns`` (left to right), one
+    polyline per row through its values, coloured by ``colour_by`` (which should be the last
+    column, e.g. the sweep's metric) from grey (worst) to red (best; ``higher_is_better``).
+
+    Each axis has its own linear range with round-number ticks (a constant column gets a
+    padded one); a row with a missing or non-finite value in some column leaves that
+    segment out. The best row is drawn last and thicker. ``labels`` renames axis titles
+    (default: the column name's last dotted part). Returns an RGB image of ``size``.
+    Raises ValueError for no rows, fewer than 2 columns or a non-numeric cell.
+    """
+    width, height = size
+    if width < 320 or height < 200:
+        raise ValueError(f"parallel_chart: size {size}, expected at least (320, 200) px")
+    if not rows:
+        raise ValueError(f"parallel_chart {title!r}: no rows to plot")
+    if len(columns) < 2 or colour_by not in columns:
+        raise ValueError(f"parallel_chart {title!r}: columns {columns}, expected at least 2 including {colour_by!r}")
+    values = {c: [_number(r.get(c), c, i) for i, r in enumerate(rows)] for c in columns}
+    ticks = {}
+    for c in columns:
+        finite = [v for v in values[c] if not math.isnan(v)]
+        ticks[c] = nice_ticks(min(finite), max(finite), target=5) if finite else nice_ticks(0, 1, target=5)
+    labels = labels or {}
+    title_px, label_px, tick_px, pad = 16, 13, 11, 10
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw_text(image, (width / 2, pad), title, title_px, align="center")
+    top = pad + text_size(title, title_px)[1] + pad + text_size("Ag", label_px)[1] + pad
+    bottom = height - pad - text_size("0", tick_px)[1]
+    side = max(text_size(_tick_format(ticks[c]).format(t), tick_px)[0] for c in columns for t in ticks[c]) + 2 * pad
+    xs = [side + i * (width - 2 * side) / (len(columns) - 1) for i in range(len(columns))]
+
+    def py(c: str, v: float) -> float:
+        lo, hi = ticks[c][0], ticks[c][-1]
+        return bottom - (v - lo) / (hi - lo) * (bottom - top)
+
+    metric = values[colour_by]
+    finite = [v for v in metric if not math.isnan(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    grey, best_colour = (190, 190, 190), PALETTE[3]
+    order = sorted(range(len(rows)), key=lambda i: (math.isnan(metric[i]),
+                                                    metric[i] if higher_is_better else -metric[i]))
+    order = [i for i in order if math.isnan(metric[i])] + [i for i in order if not math.isnan(metric[i])]
+    ink, axis = (0, 0, 0), (60, 60, 60)
+    for rank, i in enumerate(order):
+        m = metric[i]
+        t = 0.0 if math.isnan(m) or hi == lo else (m - lo) / (hi - lo)
+        t = t if higher_is_better else 1 - t
+        colour = _blend(grey, best_colour, t)
+        best = rank == len(order) - 1 and not math.isnan(m)
+        pts = [(x, py(c, values[c][i])) if not math.isnan(values[c][i]) else None for x, c in zip(xs, columns)]
+        for a, b in zip(pts, pts[1:]):
+            if a is not None and b is not None:
+                draw.line([a, b], fill=colour, width=3 if best else 1)
+    for x, c in zip(xs, columns):
+        draw.line([(x, top), (x, bottom)], fill=axis, width=1)
+        fmt = _tick_format(ticks[c])
+        for t in ticks[c]:
+            y = py(c, t)
+            draw.line([(x - 3, y), (x + 3, y)], fill=axis)
+            draw_text(image, (x - 5, y - text_size("0", tick_px)[1] / 2), fmt.format(t), tick_px, fill=ink,
+                      align="right")
+        name = labels.get(c, c.rsplit(".", 1)[-1])
+        draw_text(image, (x, top - pad - text_size("Ag", label_px)[1]), name, label_px, fill=ink, align="center")
     return image

@@ -24,10 +24,11 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.cli import InputError
+from pipeline.cli import InputError, StageArguments
 from pipeline.constants import (
     ATTENTIONS,
     PART_DISTANCES,
+    TRIAL_METRICS,
     VARIANT_DEFAULTS,
     VARIANTS,
     VEHICLEID_SUBSETS,
@@ -209,10 +210,10 @@ class ReidConfig:
     1-based epochs). ``pretrained``: null, 'imagenet' (torchvision weights, needs
     internet) or a path to a local backbone state dict. ``checkpoint_dir`` holds the
     resumable checkpoints (not a DVC output, so a requeued or restarted run resumes;
-    checkpoints of other params are discarded). ``val_every`` epochs the query/gallery
-    mAP is measured in the loop (0: never). ``pk_buffer`` caps the samples the P x K
-    batcher holds per loader worker. ``precision``/``channels_last`` apply to the ddp
-    backend; DeepSpeed takes its precision from ``deepspeed_config``.
+    one subfolder per configuration fingerprint, the others kept: pipeline/dist/checkpoint.py).
+    ``val_every`` epochs the query/gallery mAP is measured in the loop (0: never).
+    ``pk_buffer`` caps the samples the P x K batcher holds per loader worker.
+    ``precision``/``channels_last`` apply to the ddp backend; DeepSpeed takes its precision from ``deepspeed_config``.
     """
     out_dir: str = "models/reid"
     checkpoint_dir: str = "checkpoints/reid"
@@ -291,6 +292,74 @@ class EvalConfig:
     bootstrap: int = _bounded(1000, ge=0)
 
 
+@dataclass(frozen=True)
+class SearchDim:
+    """One dimension of the sweep's search space (a ``tune.space`` entry).
+
+    ``key`` is a numeric ``reid.*`` params key (dotted); ``dist`` ``uniform`` or
+    ``loguniform`` draws a float in [``low``, ``high``] (loguniform: uniform in log space,
+    ``low`` > 0), ``choice`` one of ``values`` (for integer keys too). Each value the
+    dimension can produce must itself be valid for ``key`` (checked at load).
+    """
+    key: str = ""
+    dist: Literal["uniform", "loguniform", "choice"] = "uniform"
+    low: float | None = None
+    high: float | None = None
+    values: tuple[float, ...] | None = None
+
+
+def _dim(key: str, low: float, high: float) -> SearchDim:
+    return SearchDim(key=key, dist="uniform", low=low, high=high)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune sweep over the training params (tune stage, ``pipeline/tune.py``).
+
+    ``num_samples`` trials draw ``space`` (random search seeded by ``seed``, or Optuna's TPE
+    with ``search: optuna``); each trains ``reid`` with its draw for ``max_t`` epochs (null:
+    ``reid.epochs``; the lr schedule spans them), validating every epoch. ``metric`` (one of
+    :data:`~pipeline.constants.TRIAL_METRICS`; default the validation mAP of the PVEN
+    distance) with ``mode`` picks the best trial; ASHA (``scheduler: asha``) stops trials
+    below the top 1/``reduction_factor`` at the rungs ``grace_period`` x rf^k epochs, ``fifo``
+    runs all to the end. A trial is a Ray Train run of ``workers`` processes (null: 1 on
+    CPU, one per GPU of a node with ``use_gpu``), ``cpus_per_worker`` CPUs each; ``use_gpu``
+    auto: when the cluster has GPUs. ``max_concurrent_trials`` null: as many as the
+    cluster's CPUs (GPUs) hold. ``max_failures`` retries of a failed trial (from its last
+    checkpoint). ``storage`` (a shared path or URI on a multi-node cluster; relative: to
+    the project) holds Ray's results and the trials' checkpoints under ``name`` (null:
+    ``sweep-<hash of what the sweep trains>``): a rerun with the same name resumes the
+    sweep. ``resource_wait_s`` seconds the stage waits for an autoscaling cluster to hold
+    one trial's resources before it fails. Results go to ``out_dir``.
+    """
+    space: tuple[SearchDim, ...] = (
+        _dim("reid.loss.w_id", 0.25, 2.0), _dim("reid.loss.w_gtri", 0.25, 2.0), _dim("reid.loss.w_ltri", 0.0, 2.0),
+        _dim("reid.loss.margin_g", 0.1, 0.6), _dim("reid.loss.margin_l", 0.1, 0.6))
+    num_samples: int = _bounded(8, ge=1)
+    metric: Literal[TRIAL_METRICS] = "val_mAP"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    max_t: int | None = _bounded(None, ge=1)
+    grace_period: int = _bounded(2, ge=1)
+    reduction_factor: float = _bounded(2.0, gt=1.0)
+    search: Literal["random", "optuna"] = "random"
+    max_concurrent_trials: int | None = _bounded(None, ge=1)
+    workers: int | None = _bounded(None, ge=1)
+    cpus_per_worker: float = _bounded(1.0, gt=0.0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    max_failures: int = _bounded(2, ge=0)
+    storage: str = "checkpoints/tune"
+    name: str | None = None
+    resource_wait_s: float = _bounded(0.0, ge=0.0)
+    out_dir: str = "tune"
+
+
+# reid keys a sweep sets itself (epochs: tune.max_t; val_every: 1, so ASHA sees the metric every
+# epoch) or that change no result (where files go, how often to checkpoint, process counts).
+TUNE_FIXED_KEYS = ("reid.epochs", "reid.val_every", "reid.checkpoint_every", "reid.nproc_per_node",
+                   "reid.num_workers")
+
+
 # Named bundles of overrides. A preset's keys win over params.yaml; explicit overrides
 # (`dvc exp run -S`, Tune trials) win over both.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -336,6 +405,7 @@ class Params:
     masks: MasksConfig = MasksConfig()
     reid: ReidConfig = ReidConfig()
     eval: EvalConfig = EvalConfig()
+    tune: TuneConfig = TuneConfig()
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain JSON-able data (for logging and hashing)."""
@@ -449,14 +519,18 @@ def stage_params(params: Params | ParamsView | None, keys: Sequence[str], stage:
     """What a stage's ``main`` works with: ``params`` (or ``path`` loaded) restricted to ``keys``.
 
     A view handed in by a caller (a test that inspects ``reads``) is used as it is,
-    provided it declares the same keys.
+    provided it declares the same keys. With no ``params``, a stage started by
+    :func:`pipeline.cli.run_stage` reads its ``--params FILE`` (instead of ``path``) and
+    applies its ``KEY.PATH=VALUE`` overrides.
     """
     if isinstance(params, ParamsView):
         if set(params.keys) != set(keys):
             raise ConfigError(f"{stage}: a params view of {sorted(params.keys)} was passed, the stage declares "
                               f"{sorted(keys)}")
         return params
-    return (params if params is not None else load_params(path)).only(keys, stage)
+    if params is None:
+        params = load_params(StageArguments.params_file or path, StageArguments.overrides)
+    return params.only(keys, stage)
 
 
 def params_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = ()) -> Params:
@@ -621,6 +695,72 @@ def _check_cross_fields(p: Params) -> None:
     if allowed is not None and p.data.test_subset not in allowed:
         raise ConfigError(f"data.test_subset: got {p.data.test_subset!r}, expected one of "
                           f"{', '.join(sorted(allowed))} for data.source {p.data.source!r}")
+    _check_tune(p)
+
+
+def _numeric_leaves(data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``{dotted key: value}`` of every number (not bool) under ``data``."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, Mapping):
+            out.update(_numeric_leaves(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def _check_tune(p: Params) -> None:
+    """The sweep's rules: every search dimension names a numeric reid key, once, with a
+    non-empty range whose values that key accepts; the ASHA rungs fit in the trial."""
+    t = p.tune
+    if not t.space:
+        raise ConfigError("tune.space: empty, expected at least one dimension (key, dist, low/high or values)")
+    reid_keys = _numeric_leaves(p.section("reid"), "reid")
+    reid_raw = p.section("reid")
+    seen: set[str] = set()
+    for i, dim in enumerate(t.space):
+        where = f"tune.space[{i}]"
+        if dim.key not in reid_keys or dim.key in TUNE_FIXED_KEYS:
+            allowed = sorted(set(reid_keys) - set(TUNE_FIXED_KEYS))
+            close = difflib.get_close_matches(dim.key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            why = "set by the sweep itself" if dim.key in TUNE_FIXED_KEYS else "unknown key"
+            raise ConfigError(f"{where}.key: {dim.key!r}: {why} ({hint}a sweep searches numeric reid keys: "
+                              f"{', '.join(allowed)})")
+        if dim.key in seen:
+            raise ConfigError(f"{where}.key: {dim.key!r} appears twice in tune.space")
+        seen.add(dim.key)
+        where = f"{where} ({dim.key})"
+        if dim.dist == "choice":
+            if not dim.values or dim.low is not None or dim.high is not None:
+                raise ConfigError(f"{where}: dist choice takes a non-empty list of values and no low/high, got "
+                                  f"values={list(dim.values) if dim.values is not None else None}, "
+                                  f"low={dim.low}, high={dim.high}")
+            candidates = list(dim.values)
+        else:
+            if dim.low is None or dim.high is None or dim.values is not None:
+                raise ConfigError(f"{where}: dist {dim.dist} takes low and high and no values, got low={dim.low}, "
+                                  f"high={dim.high}, values={dim.values}")
+            if not dim.low < dim.high:
+                raise ConfigError(f"{where}: empty range [{dim.low}, {dim.high}], expected low < high")
+            if dim.dist == "loguniform" and dim.low <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0, got low={dim.low}")
+            if isinstance(reid_keys[dim.key], int):
+                raise ConfigError(f"{where}: dist {dim.dist} draws floats, but the key takes an integer; "
+                                  f"expected dist choice with a list of values")
+            candidates = [dim.low, dim.high]
+        for value in candidates:
+            if isinstance(reid_keys[dim.key], int) and float(value).is_integer():
+                value = int(value)   # choice values load as floats; an integer key takes them whole
+            try:
+                build(ReidConfig, apply_overrides(reid_raw, {dim.key.partition(".")[2]: value}), "reid")
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: the value {value!r} is not valid for the key: {exc}") from None
+    # Only an explicit max_t is checked: with max_t null a short reid.epochs (a quick run that never
+    # sweeps) must stay valid; the sweep then lowers the grace period to the epochs (tune/space.py).
+    if t.scheduler == "asha" and t.max_t is not None and t.grace_period > t.max_t:
+        raise ConfigError(f"tune.grace_period: got {t.grace_period}, expected at most tune.max_t ({t.max_t})")
 
 
 def _to_plain(obj: Any) -> Any:

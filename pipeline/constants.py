@@ -42,3 +42,9 @@ VERIWILD_SUBSETS: dict[str, tuple[int, int]] = {
     "small": (3000, 38861), "medium": (5000, 64389), "large": (10000, 128517)}
 # VehicleID: test_list_<N>.txt with N identities.
 VEHICLEID_SUBSETS: tuple[str, ...] = ("800", "1600", "2400", "3200", "6000", "13164")
+
+# What a Ray Tune trial reports after every epoch (pipeline.reid.train: the epoch's mean losses,
+# and the in-loop validation of the PVEN distance and of D_g alone), so the names tune.metric
+# may pick. tests/test_tune.py checks a real trial's reports hold every one of them.
+TRIAL_METRICS: tuple[str, ...] = ("val_mAP", "val_rank1", "val_rank5", "val_mAP_global", "val_rank1_global",
+                                  "loss", "id", "gtri", "ltri", "center")

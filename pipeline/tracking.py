@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -81,33 +82,104 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class StageRun:
-    """What a stage logs through. Inactive (every method a no-op) off rank 0."""
+OFFLINE_ENV = "PVEN_MLFLOW_OFFLINE_DIR"  # where runs go while the tracking server is unreachable
+RECORDS = "records.jsonl"
 
-    def __init__(self, active: bool, run_id: str | None = None):
+
+def offline_root() -> Path:
+    return Path(os.environ.get(OFFLINE_ENV) or project_root() / "mlflow-offline")
+
+
+class Spool:
+    """A run's records kept on local disk while MLflow cannot be reached (logged later by :func:`replay`).
+
+    ``<folder>/records.jsonl``: one JSON object per line, appended and flushed as they come
+    (a line torn by a crash is skipped at replay); artifacts are copied to
+    ``<folder>/artifacts/`` at once, since the stage may overwrite its outputs later.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        (self.folder / "artifacts").mkdir(parents=True, exist_ok=True)
+
+    def add(self, kind: str, **data: Any) -> None:
+        import json
+        with open(self.folder / RECORDS, "a") as f:
+            f.write(json.dumps({"kind": kind, **data}, default=str) + "\n")
+            f.flush()
+
+    def add_artifact(self, path: str | Path, folder: str | None) -> None:
+        import secrets
+        import shutil
+        stored = self.folder / "artifacts" / secrets.token_hex(4) / Path(path).name
+        stored.parent.mkdir(parents=True)
+        shutil.copy2(path, stored)
+        self.add("artifact", file=str(stored.relative_to(self.folder)), folder=folder)
+
+
+class StageRun:
+    """What a stage logs through. Inactive (every method a no-op) off rank 0.
+
+    When a call to MLflow fails (server unreachable at the start or mid-run), the failure
+    is printed once, and this and every later record go to a :class:`Spool` instead; the
+    stage carries on. ``python -m pipeline.tracking replay <folder>`` logs them later.
+    """
+
+    def __init__(self, active: bool, run_id: str | None = None, stage: str = "", meta: dict | None = None):
         self.active = active
         self.run_id = run_id
+        self.stage, self.meta = stage, dict(meta or {})
+        self.spool: Spool | None = None
+
+    def go_offline(self, error: BaseException) -> None:
+        """Switch to the local spool (once); report why, and how to log the records later."""
+        if self.spool is not None:
+            return
+        import time
+        folder = offline_root() / f"{self.stage or 'run'}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        self.spool = Spool(folder)
+        self.spool.add("start", run_id=self.run_id, tracking_uri=tracking_uri(), **self.meta)
+        print(f"WARNING: MLflow at {tracking_uri()} failed ({type(error).__name__}: {str(error)[:300]}); the stage "
+              f"goes on and keeps its MLflow records in {folder}. Log them when the server is back with: "
+              f"python -m pipeline.tracking replay {folder}", file=sys.stderr, flush=True)
+
+    def _send(self, call, kind: str, **record: Any) -> None:
+        if not self.active:
+            return
+        if self.spool is None:
+            try:
+                call()
+                return
+            except Exception as exc:  # any MLflow/HTTP/DB failure: tracking must not stop training
+                self.go_offline(exc)
+        if kind == "artifact":
+            self.spool.add_artifact(record["path"], record["folder"])
+        else:
+            self.spool.add(kind, **record)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self.active:
-            import mlflow
-            numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
-            mlflow.log_metrics(numeric, step=step)
+        import mlflow
+        numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
+        self._send(lambda: mlflow.log_metrics(numeric, step=step), "metrics", metrics=numeric, step=step,
+                   timestamp=_now_ms())
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        if self.active:
-            import mlflow
-            mlflow.log_artifact(str(path), artifact_path=folder)
+        import mlflow
+        self._send(lambda: mlflow.log_artifact(str(path), artifact_path=folder), "artifact", path=path, folder=folder)
 
     def log_dict(self, data: Any, name: str) -> None:
-        if self.active:
-            import mlflow
-            mlflow.log_dict(data, name)
+        import mlflow
+        self._send(lambda: mlflow.log_dict(data, name), "dict", data=data, name=name)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self.active:
-            import mlflow
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        import mlflow
+        tags = {k: str(v) for k, v in tags.items()}
+        self._send(lambda: mlflow.set_tags(tags), "tags", tags=tags)
+
+
+def _now_ms() -> int:
+    import time
+    return int(time.time() * 1000)
 
 
 def _is_number(value: Any) -> bool:
@@ -123,7 +195,8 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params, keys: Sequence[str] | None = None, rank: int | None = None) -> Iterator[StageRun]:
+def stage_run(stage: str, params, keys: Sequence[str] | None = None, rank: int | None = None,
+              resume_run_id: str | None = None) -> Iterator[StageRun]:
     """Open the MLflow run of one stage execution and log the params it reads.
 
     ``params`` is the loaded :class:`pipeline.config.Params` or a stage's
@@ -137,6 +210,8 @@ def stage_run(stage: str, params, keys: Sequence[str] | None = None, rank: int |
     exits with status 143 as a plain SIGTERM would). The run name is the stage's, plus the
     DVC experiment's name when there is one; ``git_dirty`` says whether the work tree had
     uncommitted changes (then ``git_commit`` alone does not identify the code).
+    ``resume_run_id`` reopens that run instead of starting one (a resumed Tune sweep keeps its
+    parent run): its tags are updated, its params (logged when it started) are left as they are.
     """
     rank = current_rank() if rank is None else rank
     if rank != 0:
@@ -146,7 +221,6 @@ def stage_run(stage: str, params, keys: Sequence[str] | None = None, rank: int |
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment_id=_experiment_id(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)))
     keys = tuple(params.keys if keys is None else keys)
     commit, dirty = git_state()
     tags = {"stage": stage, "git_commit": commit, "git_dirty": str(dirty).lower(), "params_hash": params.digest(*keys)}
@@ -155,27 +229,111 @@ def stage_run(stage: str, params, keys: Sequence[str] | None = None, rank: int |
         tags["dvc_experiment"] = experiment
     if os.environ.get("PVEN_ABLATION"):   # set by pipeline.ablations for each ablation's experiment
         tags["ablation"] = os.environ["PVEN_ABLATION"]
-    run = mlflow.start_run(run_name=f"{stage} [{experiment}]" if experiment else stage, tags=tags)
+    run_name = f"{stage} [{experiment}]" if experiment else stage
+    flat_params = flatten(params.select(keys))
+    handle = StageRun(active=True, run_id=resume_run_id, stage=stage, meta={
+        "experiment": os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), "run_name": run_name,
+        "tags": tags, "params": {k: str(v) for k, v in flat_params.items()}, "start_time": _now_ms()})
+    try:  # an unreachable server must not stop the stage: it then runs offline (see StageRun)
+        mlflow.set_experiment(experiment_id=_experiment_id(handle.meta["experiment"]))
+        if resume_run_id is not None:
+            mlflow.start_run(run_id=resume_run_id)
+            mlflow.set_tags(tags)
+        else:
+            handle.run_id = mlflow.start_run(run_name=run_name, tags=tags).info.run_id
+            mlflow.log_params(flat_params)
+    except Exception as exc:
+        handle.go_offline(exc)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
-        mlflow.log_params(flatten(params.select(keys)))
-        yield StageRun(active=True, run_id=run.info.run_id)
+        yield handle
     except (Terminated, KeyboardInterrupt) as exc:
-        mlflow.set_tag("error", str(exc) or type(exc).__name__)
-        mlflow.end_run(status="KILLED")
+        _end(handle, "KILLED", str(exc) or type(exc).__name__)
         if isinstance(exc, Terminated):
             raise SystemExit(128 + signal.SIGTERM) from None
         raise
     except BaseException as exc:
-        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
-        mlflow.end_run(status="FAILED")
+        # An exception may carry the status it ends the run with (a stop on request: KILLED).
+        _end(handle, getattr(exc, "run_status", "FAILED"), f"{type(exc).__name__}: {exc}"[:4000])
         raise
     else:
-        mlflow.end_run(status="FINISHED")
+        _end(handle, "FINISHED")
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _end(handle: StageRun, status: str, error: str | None = None) -> None:
+    """End the run on the server, or record the end in the spool when offline (or failing now)."""
+    import mlflow
+    if error is not None:
+        handle.set_tags({"error": error})
+    if handle.spool is None:
+        try:
+            mlflow.end_run(status=status)
+            return
+        except Exception as exc:
+            handle.go_offline(exc)
+    handle.spool.add("end", status=status, end_time=_now_ms())
+    try:
+        mlflow.end_run(status=status)  # pops the local active run; the server call may fail again
+    except Exception:
+        pass
+
+
+def replay(folder: str | Path, uri: str | None = None) -> str:
+    """Log a spooled run (see :class:`Spool`) to MLflow at ``uri`` (default: :func:`tracking_uri`).
+
+    Continues the run the stage had opened before the server went away, else creates it
+    with the spooled name, tags and params. Writes ``replayed.json`` (the run id) into
+    ``folder``; a folder already replayed is refused. Returns the run id.
+    """
+    import json
+
+    from pipeline import atomic
+
+    folder = Path(folder)
+    done = folder / "replayed.json"
+    if done.exists():
+        raise ValueError(f"{folder}: already replayed into run {json.loads(done.read_text())['run_id']}")
+    records = []
+    for line in (folder / RECORDS).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass  # torn by a crash mid-write
+    start = next(r for r in records if r["kind"] == "start")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    client = MlflowClient()
+    run_id = start.get("run_id")
+    if run_id is None:
+        experiment = _experiment_id(start["experiment"])
+        run_id = client.create_run(experiment, start_time=start["start_time"], tags=start["tags"],
+                                   run_name=start["run_name"]).info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in start["params"].items()])
+    status, end_time = "FINISHED", None
+    for r in records:
+        if r["kind"] == "metrics":
+            client.log_batch(run_id, metrics=[Metric(k, v, r["timestamp"], r["step"] or 0)
+                                              for k, v in r["metrics"].items()])
+        elif r["kind"] == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in r["tags"].items()])
+        elif r["kind"] == "dict":
+            client.log_dict(run_id, r["data"], r["name"])
+        elif r["kind"] == "artifact":
+            client.log_artifact(run_id, str(folder / r["file"]), r["folder"])
+        elif r["kind"] == "end":
+            status, end_time = r["status"], r["end_time"]
+    client.set_tag(run_id, "replayed_from", str(folder))
+    client.set_terminated(run_id, status=status, end_time=end_time)
+    atomic.write_json(done, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
+    return run_id
 
 
 def _experiment_id(name: str) -> str:
@@ -221,3 +379,18 @@ def without_timings(record: Any) -> Any:
     if isinstance(record, list):
         return [without_timings(v) for v in record]
     return record
+
+
+if __name__ == "__main__":
+    from pipeline import cli
+
+    def _main() -> None:
+        if len(sys.argv) < 3 or sys.argv[1] != "replay":
+            raise cli.InputError("usage: python -m pipeline.tracking replay FOLDER [FOLDER ...] "
+                                 "(MLFLOW_TRACKING_URI names the server)")
+        for folder in sys.argv[2:]:
+            try:
+                print(f"{folder}: logged as run {replay(folder)} at {tracking_uri()}")
+            except (ValueError, FileNotFoundError, StopIteration) as exc:
+                raise cli.InputError(f"{folder}: cannot replay ({exc})") from None
+    cli.run(_main)

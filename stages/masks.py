@@ -66,4 +66,4 @@ def main(params: Params | ParamsView | None = None, root: str | Path = ".") -> d
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run_stage(main)

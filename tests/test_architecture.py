@@ -219,9 +219,20 @@ def stage_problems(root: Path, name: str, stage: dict) -> list:
     return problems
 
 
+def pipeline_stages(root: Path) -> dict:
+    """Every stage of the root dvc.yaml and of the sub-pipelines one folder down (tune/dvc.yaml,
+    kept out of the default `dvc repro`), which must run from the root (``wdir: ..``)."""
+    stages = dict(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    for sub in sorted(root.glob("*/dvc.yaml")):
+        for name, stage in yaml.safe_load(sub.read_text())["stages"].items():
+            assert stage.get("wdir") == "..", f"{sub}: stage {name} must set wdir: .. (paths are the root's)"
+            assert name not in stages, f"{sub}: stage {name} is defined twice"
+            stages[name] = stage
+    return stages
+
+
 def dvc_problems(root: Path) -> list:
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    return [p for name, stage in stages.items() for p in stage_problems(root, name, stage)]
+    return [p for name, stage in pipeline_stages(root).items() for p in stage_problems(root, name, stage)]
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -259,9 +270,9 @@ def test_import_checker_reports_violations(tmp_path):
     ], "\n".join(problems)
 
 
-@pytest.mark.parametrize("name", sorted(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]))
+@pytest.mark.parametrize("name", sorted(pipeline_stages(ROOT)))
 def test_dvc_stage_lists_exactly_its_code_and_params(name):
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]
+    stage = pipeline_stages(ROOT)[name]
     problems = stage_problems(ROOT, name, stage)
     assert not problems, "\n".join(problems)
 

@@ -79,6 +79,34 @@ def test_ddp_two_ranks_hold_identical_weights(ddp_run):
     assert all(torch.isfinite(torch.tensor(losses(ddp_run))))
 
 
+@pytest.mark.distributed
+def test_two_torchrun_nodes_on_loopback_equal_a_two_process_single_node_run(shards, tmp_path, ddp_run):
+    # Two "nodes" (--nnodes 2 --nproc_per_node 1), c10d rendezvous on 127.0.0.1, started the way
+    # cluster/slurm/node.sh starts them: the host named explicitly (is_host, pytorch#73656), each
+    # node's address given (--local_addr), bounded join/read timeouts.
+    port, result = free_port(), tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes",
+         "--rdzv_conf", f"join_timeout=120,read_timeout=120,is_host={int(i == 0)}", "--local_addr", "127.0.0.1",
+         "tests/workers/reid_train.py", str(shards), str(tmp_path / "work"), str(result), *REID_TINY,
+         "reid.val_every=2"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [n.communicate(timeout=300)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    two = json.loads(result.read_text())
+    assert two["ranks"][0]["params"] == two["ranks"][1]["params"], "both nodes hold the same weights"
+    assert [r["params"] for r in two["ranks"]] == [r["params"] for r in ddp_run["ranks"]], \
+        "bitwise the weights of the 2-process single-node run"
+    assert losses(two) == losses(ddp_run)
+
+
 # torchrun shares its rendezvous TCPStore with the workers, and restarted workers can read the
 # dead attempt's keys (pytorch#135712): the documented opt-out avoids it for --max-restarts.
 
@@ -120,8 +148,9 @@ def test_in_process_training_validates_checkpoints_and_resumes_finished_run(shar
                   on_epoch=seen.append, show_progress=False)
     assert [h["epoch"] for h in seen] == [1, 2] and all(0 < h["val_mAP"] <= 1 for h in seen)
     assert first.resumed_from is None and first.global_step == 10
-    assert json.loads((tmp_path / "ckpt/latest.json").read_text())["step"] == 10
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000009", "step-00000010"]
+    (config_dir,) = (tmp_path / "ckpt").iterdir()   # one folder per configuration fingerprint
+    assert json.loads((config_dir / "latest.json").read_text())["step"] == 10
+    assert sorted(p.name for p in config_dir.glob("step-*")) == ["step-00000009", "step-00000010"]
     model, meta = load_model(first.model_path)
     assert meta["class_vids"] == list(range(8)) and model.classifier.out_features == 8
     # A finished run restarted (e.g. `dvc repro --force`): nothing to train, same model again.
@@ -129,12 +158,22 @@ def test_in_process_training_validates_checkpoints_and_resumes_finished_run(shar
                   show_progress=False)
     assert again.resumed_from == 10 and len(again.steps) == 10
     assert torch.equal(load_model(again.model_path)[0].neck.weight, model.neck.weight)
-    # Changed params: the old checkpoints are not resumed but discarded.
-    changed = load_params(ROOT / "params.yaml", [*REID_TINY, "reid.epochs=1", "reid.loss.w_ltri=0.5"])
+    # Fault table, "a run with other params on the same checkpoint folder": not resumed, and the
+    # other configuration's checkpoints are kept beside the new run's (pruned only on request).
+    changed = load_params(ROOT / "params.yaml", [*REID_TINY, "reid.batches_per_epoch=3", "reid.loss.w_ltri=0.5"])
     fresh = train(changed, ONE, data_dir=shards, out_dir=tmp_path / "model3", checkpoint_dir=tmp_path / "ckpt",
                   show_progress=False)
-    assert fresh.resumed_from is None and fresh.global_step == 5
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000003", "step-00000005"]
+    assert fresh.resumed_from is None and fresh.global_step == 6
+    kept = {p.name: sorted(q.name for q in p.glob("step-*")) for p in (tmp_path / "ckpt").iterdir()}
+    assert kept == {config_dir.name: ["step-00000009", "step-00000010"],
+                    next(k for k in kept if k != config_dir.name): ["step-00000003", "step-00000006"]}
+    # The first configuration still resumes (nothing to redo) after the other one ran.
+    assert train(params, ONE, data_dir=shards, out_dir=tmp_path / "model4", checkpoint_dir=tmp_path / "ckpt",
+                 show_progress=False).resumed_from == 10
+    from pipeline.dist.checkpoint import configurations, prune
+    assert {r["fingerprint"]: r["steps"] for r in configurations(tmp_path / "ckpt")}[config_dir.name] == [9, 10]
+    assert prune(tmp_path / "ckpt", keep=(config_dir.name,)) != [] and \
+        [p.name for p in (tmp_path / "ckpt").iterdir()] == [config_dir.name]
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(shards, tmp_path):
@@ -144,9 +183,10 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
                                                  r".*step-00000001"):
         train(params, ONE, data_dir=shards, out_dir=tmp_path / "model", checkpoint_dir=tmp_path / "ckpt",
               show_progress=False)
-    assert json.loads((tmp_path / "ckpt/latest.json").read_text())["step"] == 1
-    assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == ["step-00000001"]
-    state = torch.load(tmp_path / "ckpt/step-00000001/engine/ddp.pt", weights_only=True)
+    (config_dir,) = (tmp_path / "ckpt").iterdir()
+    assert json.loads((config_dir / "latest.json").read_text())["step"] == 1
+    assert [p.name for p in config_dir.glob("step-*")] == ["step-00000001"]
+    state = torch.load(config_dir / "step-00000001/engine/ddp.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (tmp_path / "model").exists(), "no final model from a failed run"
 

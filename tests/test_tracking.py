@@ -1,6 +1,7 @@
 """MLflow tracking: one run per stage with tags and params, rank 0 only, one store for every way of running."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -127,15 +128,16 @@ def test_project_root_prefers_dvc_root_then_walks_up_to_dvc_yaml(tmp_path, monke
     assert tracking.tracking_uri() == "http://127.0.0.1:9"
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with a free port; stopped by PID even if the test fails."""
-    port = free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path, port: int | None = None):
+    """A real `mlflow server` on 127.0.0.1 (store and artifacts in ``folder``); yields (url, process);
+    stopped by PID even if the caller fails (or stopped it already, to test a server going away)."""
+    port = port or free_port()
+    log = open(folder / "mlflow-server.log", "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "server-artifacts")],
         stdout=log, stderr=subprocess.STDOUT, env=stage_env(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -148,18 +150,31 @@ def mlflow_server(tmp_path):
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                log = (tmp_path / "mlflow-server.log").read_text()[-3000:]
+                log = (folder / "mlflow-server.log").read_text()[-3000:]
                 raise RuntimeError(f"mlflow server did not start:\n{log}")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
-        os.killpg(proc.pid, 15)  # the server's own workers are in its session
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop_mlflow_server(proc)
         log.close()
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, 15)  # the server's own workers are in its session
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a free port; stopped by PID even if the test fails."""
+    with running_mlflow_server(tmp_path) as (url, _):
+        yield url
 
 
 @pytest.mark.server

@@ -4,6 +4,7 @@ A backend owns the wrapped model, the optimizer and the lr scheduler::
 
     backend = make_backend("ddp", model, info, BackendOptions(...))
     out = backend.forward(images, masks)    # train/eval mode via backend.train()/.eval()
+    out = backend.infer(images, masks)      # the bare module, no collective (see infer)
     backend.step(loss)                      # backward, optimizer step, lr step, zero grads
     backend.save(folder) / backend.load(folder)   # collective: every rank calls them
     backend.module                          # the bare nn.Module (for export / embedding)
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pipeline.dist.checkpoint import torch_save_atomic
+from pipeline.dist.checkpoint import load_plain, torch_save_atomic
 from pipeline.dist.env import DistInfo
 
 BACKENDS = ("ddp", "deepspeed")
@@ -123,6 +124,15 @@ class DDPBackend:
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         with self.autocast():
             return self.wrapped(images, masks)
+
+    @torch.no_grad()
+    def infer(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward through the bare module. DDP's own forward may broadcast buffers (a
+        collective) at the first call after training, which deadlocks when ranks embed
+        different numbers of batches, or none (fewer shards than ranks); ``sync_buffers``
+        does that broadcast once, on every rank, before embedding."""
+        with self.autocast():
+            return self.module(images, masks)
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -227,6 +237,12 @@ class DeepSpeedBackend:
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.engine(images.to(self._dtype), masks)
 
+    @torch.no_grad()
+    def infer(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward through the bare module (ZeRO 0-2 keep whole weights in it): no engine hooks,
+        no collective, so ranks may embed different numbers of batches."""
+        return self.module(images.to(self._dtype), masks)
+
     def step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
         self.engine.step()  # optimizer step, zero grads, lr scheduler step
@@ -248,6 +264,17 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(folder), tag=self.TAG, client_state={}, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        # DeepSpeed's own loader (TorchCheckpointEngine.load, deepspeed 0.19.8) calls
+        # torch.load(weights_only=False): a crafted file would run code. So each file is first
+        # read with weights_only=True, allowing only the plain-data classes DeepSpeed stores
+        # (loss scaler, ZeRO stage enum, fragment addresses); anything else is refused.
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            for file in sorted((Path(folder) / self.TAG).glob("*.pt")):
+                if file.name.startswith(("mp_rank_", f"zero_pp_rank_{self.info.rank}_")):
+                    load_plain(file)
         path, _ = self.engine.load_checkpoint(str(folder), tag=self.TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:

@@ -79,6 +79,21 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf on some rank; training stopped."""
 
 
+class TrainingStopped(Exception):
+    """Training stopped on request (the stop file appeared) after writing checkpoint ``step`` to ``folder``.
+
+    Raised on every rank at the same step: the request is all-reduced before the step's
+    backward, so all ranks finish that step, checkpoint together and stop.
+    """
+
+    run_status = "KILLED"  # how pipeline.tracking.stage_run ends the MLflow run
+
+    def __init__(self, step: int, folder: Path, stop_file: Path):
+        super().__init__(f"train_reid: stopped on request ({stop_file} exists) after step {step}; "
+                         f"checkpoint {folder}; run again (or requeue) to resume from it")
+        self.step, self.folder, self.stop_file = step, folder, stop_file
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns (on every rank; ``model_path`` is set on rank 0 only)."""
@@ -187,7 +202,7 @@ def validate(backend, data_dir: Path, params: Params, info: DistInfo) -> dict[st
     backend.eval()
 
     def forward(images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        return backend.forward(normalize_images(images.to(info.device), cfg.channels_last), masks.to(info.device))
+        return backend.infer(normalize_images(images.to(info.device), cfg.channels_last), masks.to(info.device))
     sets = [gather_features(forward, data_dir, split, info, size=tuple(cfg.image_size), batch_size=VAL_BATCH,
                             num_workers=cfg.num_workers) for split in pair]
     backend.train()
@@ -207,13 +222,16 @@ def train(params: Params, info: DistInfo, *, data_dir: str | Path | None = None,
           out_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
           on_checkpoint: Callable[[int, Path], None] | None = None,
-          run=None, show_progress: bool = True) -> TrainResult:
+          run=None, show_progress: bool = True, stop_file: str | Path | None = None) -> TrainResult:
     """Train PVEN; see the module docstring. Collective: every rank calls it.
 
     data_dir / out_dir / checkpoint_dir default to ``masks.out_dir``, ``reid.out_dir``
     and ``reid.checkpoint_dir``. ``on_checkpoint(step, folder)`` runs on every rank
     after each complete checkpoint. ``run`` is a :class:`pipeline.tracking.StageRun`
-    (rank 0 logs through it) or None.
+    (rank 0 logs through it) or None. ``stop_file``: when this path exists (rank 0 looks before
+    every step), all ranks finish the step, checkpoint and raise :class:`TrainingStopped` (the
+    preemption path of cluster/slurm/; a file on shared storage reaches every node, and no
+    signal has to get through torchrun and NCCL).
     """
     cfg = params.reid
     data_dir = Path(data_dir or params.masks.out_dir)
@@ -236,16 +254,24 @@ def train(params: Params, info: DistInfo, *, data_dir: str | Path | None = None,
     try:
         return _train_loop(params, info, backend, data_dir, out_dir,
                            Path(checkpoint_dir or cfg.checkpoint_dir), class_vids, per_epoch,
-                           on_epoch, on_checkpoint, run, show_progress)
+                           on_epoch, on_checkpoint, run, show_progress, stop_file)
     finally:
         backend.close()
 
 
 def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_vids, per_epoch,
-                on_epoch, on_checkpoint, run, show_progress) -> TrainResult:
+                on_epoch, on_checkpoint, run, show_progress, stop_file) -> TrainResult:
     cfg = params.reid
     local_spec = spec_for(cfg, "local", normalize=cfg.loss.normalize_local)
-    ckpt = CheckpointManager(checkpoint_dir, info, fingerprint(params, data_dir, info.world_size))
+    ckpt = CheckpointManager(checkpoint_dir, info, fingerprint(params, data_dir, info.world_size),
+                             about={"seed": params.seed, "world_size": info.world_size, "reid": params.section("reid")})
+    # Storage problems end the run here, not after hours of training: one checkpoint holds
+    # the weights and Adam's two moments (~3x the parameter bytes), the model the weights.
+    weight_bytes = sum(p.numel() * p.element_size() for p in backend.module.parameters())
+    ckpt.check_writable(3 * weight_bytes)
+    if info.is_main:
+        atomic.check_writable(out_dir, weight_bytes, "reid.out_dir")
+    stop_path = Path(stop_file) if stop_file else None
     state = ckpt.load(backend) or {"epoch": 0, "batch": 0, "history": [], "steps": []}
     epoch, skip = state["epoch"], state["batch"]
     history, step_rows = state["history"], state["steps"]
@@ -271,6 +297,7 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
             on_checkpoint(global_step, folder)
 
     backend.train()
+    stop_at_epoch_end = False
     while epoch < cfg.epochs:
         bar = progress(total=per_epoch, desc=f"train_reid epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", enabled=show_progress and info.is_main, leave=False)
@@ -292,7 +319,7 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
             out = backend.forward(images, batch["masks"].to(info.device))
             centers = getattr(backend.module, "centers", None)
             losses = pven_loss(out, labels, cfg.loss, local_spec, centers)
-            row = _finite_or_stop(losses, info, ckpt, epoch, global_step)
+            row, stop = _finite_or_stop(losses, info, ckpt, epoch, global_step, stop_path)
             backend.step(losses["loss"])
             if centers is not None:
                 update_centers(centers, out["global"], labels, cfg.loss.center_lr, info.distributed)
@@ -304,10 +331,13 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
             bar.set_postfix(loss=row["loss"], lr=backend.lr)
             if run is not None and global_step % LOG_EVERY == 0:
                 run.log_metrics({f"train_{k}": v for k, v in row.items()} | {"lr": backend.lr}, step=global_step)
-            if global_step % cfg.checkpoint_every == 0 and b + 1 < per_epoch:
+            if (stop or global_step % cfg.checkpoint_every == 0) and b + 1 < per_epoch:
                 t0 = time.perf_counter()
                 save(epoch, b + 1)
                 started += time.perf_counter() - t0  # checkpoint time is not training time
+                if stop:
+                    raise TrainingStopped(global_step, ckpt.latest_dir, stop_path)
+            stop_at_epoch_end = stop  # the last batch: the epoch end below checkpoints, then we stop
             waited_from = time.perf_counter()
         bar.close()
         seconds = time.perf_counter() - started
@@ -333,6 +363,8 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
                                              for k, v in record.items()), flush=True)
         if on_epoch is not None:
             on_epoch(dict(record))
+        if stop_at_epoch_end and epoch < cfg.epochs:
+            raise TrainingStopped(global_step, ckpt.latest_dir, stop_path)
 
     result = TrainResult(history=history, steps=step_rows, global_step=global_step,
                          num_classes=len(class_vids), resumed_from=resumed_from, model=backend.module)
@@ -346,20 +378,29 @@ def _train_loop(params, info, backend, data_dir, out_dir, checkpoint_dir, class_
     return result
 
 
-def _finite_or_stop(losses: dict, info: DistInfo, ckpt: CheckpointManager, epoch: int, step: int) -> dict:
-    """The step's loss values as floats; :class:`NonFiniteLossError` on every rank if any rank has NaN/inf."""
+def _finite_or_stop(losses: dict, info: DistInfo, ckpt: CheckpointManager, epoch: int, step: int,
+                    stop_file: Path | None = None) -> tuple[dict, bool]:
+    """(the step's loss values as floats, whether a stop was requested); :class:`NonFiniteLossError`
+    on every rank if any rank has NaN/inf.
+
+    One all-reduce (MAX) of [non-finite on this rank, stop file seen by rank 0] per step gives
+    every rank both answers at the same step: none is left waiting in the backward.
+    """
     values = torch.stack([losses[k].detach().float() for k in LOSS_NAMES])
-    bad = (~torch.isfinite(values)).any().float()
-    if info.distributed:  # every rank stops together: none is left waiting in the backward
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    flags = torch.stack([(~torch.isfinite(values)).any().float(),
+                         torch.tensor(float(info.is_main and stop_file is not None and stop_file.exists()),
+                                      device=values.device)])
+    if info.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop = flags.tolist()
     row = dict(zip(LOSS_NAMES, values.tolist()))
-    if bad.item():
+    if bad:
         where = ckpt.latest_dir
         raise NonFiniteLossError(
             f"train_reid: non-finite loss at epoch {epoch + 1}, step {step + 1} (this rank: {row}); stopped. "
             f"Last good checkpoint: {where if where else 'none (no checkpoint written yet)'}. "
             f"Try a lower reid.lr or reid.precision=fp32.")
-    return row
+    return row, bool(stop)
 
 
 def save_model(out_dir: Path, module, weights: dict, class_vids: list[int], cfg) -> Path:
