@@ -31,8 +31,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 repro: setup
 	dvc repro
 
+# In a network namespace that holds only lo (tests/loopback.sh: torchrun's store binds *:port).
 test: setup
-	python -m pytest
+	bash tests/loopback.sh python -m pytest
 
 tune: setup
 	dvc repro tune/dvc.yaml

@@ -236,13 +236,14 @@ def terminated_trials(project: Path) -> set[str]:
     return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, home: Path | None = None):
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, home: Path | None = None,
+             poll: float = 1.0):
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the driver ended (rc {proc.returncode}) before {what}:\n{driver_log(home)[-4000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
+        time.sleep(poll)
 
 
 # ---------------------------------------------------------------------------------- the tests
@@ -355,17 +356,26 @@ def test_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(clust
 
 @on_the_cluster(slow=True, distributed=True)
 def test_a_killed_train_worker_resumes_its_trial_from_the_checkpoint(cluster, shards, tmp_path):
+    # 12 steps an epoch: the trial runs for seconds after its first result, not milliseconds (a
+    # CI machine once finished all 4 epochs of 2 steps between two polls).
     home, project = synced_project(tmp_path, shards, ["tune.num_samples=1", "tune.workers=2",
                                                       "tune.cpus_per_worker=0.45", "tune.scheduler=fifo",
-                                                      "tune.max_t=4"])
+                                                      "tune.max_t=4", "reid.batches_per_epoch=12"])
     db = tmp_path / "mlflow.db"
     proc = start_driver(home, cluster, db)
     try:
         # Tune has the first epoch's result only once Ray Train registered its checkpoint (a
         # checkpoint folder in storage alone may still be mid-upload, and not be restored).
-        wait_for(lambda: any(trial_results(project).values()), 900, "the trial's first reported epoch", proc, home)
-        workers = [p for p in cluster.pids() if "RayTrainWorker" in cmdline(p)]
-        assert len(workers) == 2, [cmdline(p)[:80] for p in cluster.pids()]
+        workers: list[int] = []
+
+        def reported_and_running() -> bool:
+            reported = [len(rows) for rows in trial_results(project).values()]
+            assert not reported or reported[0] < 4, "the trial ended before a worker could be killed"
+            workers[:] = [p for p in cluster.pids() if "RayTrainWorker" in cmdline(p)]
+            return bool(reported) and len(workers) == 2
+
+        wait_for(reported_and_running, 900, "the trial's first reported epoch with 2 live workers", proc, home,
+                 poll=0.2)
         os.kill(workers[-1], signal.SIGKILL)
         proc.wait(timeout=1200)
     finally:
