@@ -20,4 +20,6 @@ if ! unshare --net "${user[@]}" -- ip link set lo up 2>/dev/null; then
   exec "$@"
 fi
 export PVEN_LOOPBACK_ONLY=1
-exec unshare --net "${user[@]}" -- sh -c 'ip link set lo up && exec "$@"' sh "$@"
+# 127.0.0.2 beside 127.0.0.1: glibc's getaddrinfo(AI_ADDRCONFIG) counts every IPv4 address but
+# 127.0.0.1 itself, and with none it resolves nothing at all (slurmd then cannot bind its port).
+exec unshare --net "${user[@]}" -- sh -c 'ip link set lo up && ip addr add 127.0.0.2/32 dev lo && exec "$@"' sh "$@"

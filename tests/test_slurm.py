@@ -69,6 +69,8 @@ SlurmctldHost={node}(127.0.0.1)
 SlurmUser={os.environ.get('USER', 'root') if os.getuid() else 'root'}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
+# Bind the node's own address (NodeAddr 127.0.0.1), never INADDR_ANY: reachable from this machine only.
+CommunicationParameters=NoInAddrAny
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire=10: a requeued job otherwise waits ~2 min before it may start again
