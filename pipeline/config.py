@@ -293,6 +293,20 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export (export stage): graphs, parity against torch eager, MLflow logged models.
+
+    ``parity_images`` held-out query images compare onnxruntime with torch eager (features of
+    the PVEN, logits of the parser); the stage fails when the largest relative difference
+    (max |onnx - torch| / max |torch| per output) exceeds ``tolerance``.
+    """
+    out_dir: str = "models/export"
+    parity_images: int = _bounded(64, ge=1)
+    batch_size: int = _bounded(32, ge=1)
+    tolerance: float = _bounded(1e-4, ge=0.0)
+
+
+@dataclass(frozen=True)
 class SearchDim:
     """One dimension of the sweep's search space (a ``tune.space`` entry).
 
@@ -405,6 +419,7 @@ class Params:
     masks: MasksConfig = MasksConfig()
     reid: ReidConfig = ReidConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
     tune: TuneConfig = TuneConfig()
 
     def section(self, name: str) -> dict[str, Any]:

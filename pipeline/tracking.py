@@ -171,6 +171,23 @@ class StageRun:
         import mlflow
         self._send(lambda: mlflow.log_dict(data, name), "dict", data=data, name=name)
 
+    def log_onnx_model(self, path: str | Path, name: str, signature: Any, input_example: Any) -> str | None:
+        """Log an ONNX file as an MLflow 3 logged model of this run (``mlflow.onnx.log_model(name=...)``).
+
+        Returns its model URI (``models:/<model id>``), or None when offline: the spool then
+        keeps the file as a plain artifact (replay logs it as one).
+        """
+        uri: list[str] = []
+
+        def call() -> None:
+            import mlflow.onnx
+            import onnx
+            info = mlflow.onnx.log_model(onnx.load(str(path)), name=name, signature=signature,
+                                         input_example=input_example, save_as_external_data=False)
+            uri.append(info.model_uri)
+        self._send(call, "artifact", path=path, folder=f"onnx/{name}")
+        return uri[0] if uri else None
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         import mlflow
         tags = {k: str(v) for k, v in tags.items()}

@@ -119,7 +119,7 @@ def stack(parts: list[Image.Image], background: tuple[int, int, int] = (255, 255
 
 
 # ---- ranked lists ------------------------------------------------------------------------------
-CORRECT, WRONG = (30, 170, 60), (220, 40, 40)
+CORRECT, WRONG, UNKNOWN = (30, 170, 60), (220, 40, 40), (150, 150, 150)
 
 
 def ranked_grid(rows: list[dict], cell: tuple[int, int] = (96, 96), title: str | None = None):
@@ -129,7 +129,8 @@ def ranked_grid(rows: list[dict], cell: tuple[int, int] = (96, 96), title: str |
     weights, distance), ...]}`` with rgb (H, W, 3) uint8, labels (H, W) uint8 0..4,
     ``weights`` the 4 common-visible attention weights (front, back, side, top) between
     the query and that image. Every image is shown with its view-mask overlay; gallery
-    cells get a green (same vehicle id) or red (different id) border and a caption
+    cells get a green (same vehicle id) or red (different id) border (grey: ``correct`` None,
+    the id is unknown, as for a search of new images) and a caption
     ``#rank  d=<distance>`` over the four weights by part name, each beside a square in
     that part's mask colour. ``cell`` is (width, height) px of one image. A title (``title``,
     or a default) and a key explaining borders, ``d`` and the weights head the picture.
@@ -173,7 +174,7 @@ def ranked_grid(rows: list[dict], cell: tuple[int, int] = (96, 96), title: str |
         draw_text(canvas, (pad, y + ch + 4), "query", cap_px)
         for i, (rgb, labels, correct, weights, dist) in enumerate(row["ranked"]):
             x = pad + col_w + 10 + i * col_w
-            tile(rgb, labels, x, y, CORRECT if correct else WRONG)
+            tile(rgb, labels, x, y, UNKNOWN if correct is None else CORRECT if correct else WRONG)
             ty = y + ch + 4
             draw_text(canvas, (x, ty), f"#{i + 1}  d={dist:.2f}", cap_px)
             ty += line + 2

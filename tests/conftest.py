@@ -127,3 +127,40 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"CI=true: the slurm test was skipped ({reason}); .ci/run must install slurm-wlm munge"
+
+
+PAPER_DISTANCE = {"variant": "paper", "part_distance": "euclidean", "vis_offset": 0.0, "attention": "common_visible"}
+
+
+def save_random_models(project: Path, seed: int = 0) -> None:
+    """A random PVEN (64 px, 6 classes, paper variant) and a random parser (resnet18 Unet, 64 px,
+    with a prior bias) where the stages look for them: stand-ins for trained ones."""
+    import torch
+
+    from pipeline.parsing.model import build_parser, save_checkpoint
+    from pipeline.reid.model import PVEN, model_payload
+    torch.manual_seed(seed)
+    model = PVEN(6, backbone="resnet18")
+    (project / "models/reid").mkdir(parents=True, exist_ok=True)
+    torch.save(model_payload(model, model.state_dict(), list(range(1, 7)), PAPER_DISTANCE, (64, 64)),
+               project / "models/reid/model.pt")
+    config = {"encoder": "resnet18", "image_size": 64, "classes": 5, "logit_bias": [0.5, -0.1, 0.2, 0.0, -0.3]}
+    save_checkpoint(project / "models/parser/parser.pt", build_parser("resnet18"), config)
+
+
+@pytest.fixture(scope="session")
+def exported_project(tmp_path_factory):
+    """A tiny project through synth, shard, evaluate and export with random models (the synthetic
+    shards carry a mask for every image, so they serve as the masked shards); MLflow in
+    ``<project>/mlflow.db``."""
+    import sys
+    project = write_project(tmp_path_factory.mktemp("export") / "project",
+                            overrides=[*TINY, "masks.out_dir=data/shards", "eval.grid_queries=0", "eval.bootstrap=0",
+                                       "export.parity_images=6", "export.batch_size=5"])
+    save_random_models(project)
+    env = stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db")
+    for stage in ("synth", "shard", "evaluate", "export"):
+        done = subprocess.run([sys.executable, f"stages/{stage}.py"], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, f"{stage}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return project

@@ -26,7 +26,7 @@ from tests.test_reid_train import REID_TINY
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("check_params", "synth", "shard", "train_parser", "masks", "train_reid", "evaluate")
+STAGES = ("check_params", "synth", "shard", "train_parser", "masks", "train_reid", "evaluate", "export")
 SHRUNK = [*TINY, f"parser.encoder={TINY_ENCODER}", "parser.image_size=32", "parser.epochs=1", "parser.batch_size=4",
           "parser.num_workers=0", "parser.val_fraction=0.3", "masks.num_workers=0", *REID_TINY,
           "reid.val_every=1", "reid.num_workers=0", "eval.num_workers=0", "eval.grid_queries=2",
@@ -73,7 +73,7 @@ def output_hashes(project) -> dict[str, str]:
 def test_every_stage_runs_in_process_and_reads_exactly_its_params(project):
     returned = run_all(project)
     files = {"synth": "synth", "shard": "shard", "train_parser": "parser", "masks": "masks", "train_reid": "train",
-             "evaluate": "eval"}
+             "evaluate": "eval", "export": "export"}
     for name, file in files.items():
         report = json.loads((project / f"reports/{file}.json").read_text())
         assert report == json.loads(json.dumps(without_timings(returned[name])))
@@ -81,6 +81,8 @@ def test_every_stage_runs_in_process_and_reads_exactly_its_params(project):
         assert 2 <= len(headline) <= 8 and all(isinstance(v, (int, float)) for v in headline.values()), headline
     assert returned["train_reid"]["epochs"] == 2 and "val_mAP" in returned["train_reid"]
     assert {"global", "local", "pven"} <= set(returned["evaluate"])
+    export = returned["export"]
+    assert export["rankings"]["max_abs_mAP_diff"] <= 1e-6 and export["parity"]["reid"]["max"] < 1e-4
     # Validation identities: held out of training, ranked in the loop and for the choice of λ.
     shards = returned["shard"]
     assert shards["train"]["identities"] == 6 and shards["val_gallery"]["identities"] == 3

@@ -122,7 +122,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read 1 MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -132,7 +133,7 @@ def _sha256(path: Path) -> str:
 
 def _files(folder: Path) -> dict[str, list]:
     """{relative path: [bytes, sha256]} of every file in a checkpoint folder but complete.json."""
-    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _sha256(p)]
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, file_sha256(p)]
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE}
 
 
@@ -157,7 +158,7 @@ def verify(folder: Path, fingerprint: str | None = None) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or overwritten)"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{path} does not match the sha256 recorded when it was written (corrupt or replaced)"
     return None
 

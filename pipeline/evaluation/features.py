@@ -8,7 +8,9 @@ sample key a line) and, only for a dataset with view angles (the synthetic set),
 ``views.npy`` (N,) float64: the azimuth in degrees (the renderer's convention: 0 front,
 90 left side, +-180 back; values in (-180, 180]), NaN where unknown. A folder without
 ``views.npy`` loads with ``views=None``. The folder is built under a temporary name and
-swapped in.
+swapped in. :func:`merge_part_files` builds one from part files (one rank's or one shard's
+share each) holding one part in memory at a time, through memory-mapped ``.npy`` files: a
+million-image index needs no more memory than its largest part.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch
 from pipeline import atomic
 from pipeline.constants import NUM_PARTS
 
-__all__ = ["ARRAYS", "VIEWS", "FeatureSet", "as_tensor", "load_features", "write_feature_folder"]
+__all__ = ["ARRAYS", "VIEWS", "FeatureSet", "as_tensor", "load_features", "merge_part_files",
+           "write_feature_folder"]
 
 ARRAYS = ("global", "local", "visibility", "ids", "cams")
 VIEWS = "views"   # the optional array: views.npy, written only when the split has view angles
@@ -157,6 +160,49 @@ def write_feature_folder(folder: Path, arrays: dict[str, np.ndarray], keys: Sequ
     if arrays.get(VIEWS) is not None:
         np.save(staging / f"{VIEWS}.npy", np.asarray(arrays[VIEWS], dtype=np.float64))
     atomic.write_text(staging / "keys.txt", "".join(f"{k}\n" for k in keys))
+    atomic.swap_dir(staging, folder)
+    return folder
+
+
+def merge_part_files(parts: Sequence[Path], folder: Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Concatenate part files, in the given order, into the embedding folder ``folder``.
+
+    Each part is an ``.npz`` of :data:`ARRAYS`, ``views`` (azimuths, NaN where unknown) and
+    ``keys``. The result equals :func:`write_feature_folder` of the concatenated arrays
+    (``views.npy`` only when some image has a view), built in a staging folder beside
+    ``folder`` and swapped in; one part's arrays are in memory at a time.
+    """
+    folder = Path(folder)
+    if not parts:
+        raise ValueError(f"{folder}: no part files to merge")
+    counts, has_views = [], False
+    for part in parts:
+        with np.load(part) as z:
+            counts.append(len(z["ids"]))
+            has_views |= bool(np.isfinite(z[VIEWS]).any())
+    with np.load(parts[0]) as z:
+        layout = {name: (z[name].dtype, z[name].shape[1:]) for name in ARRAYS}
+    names = [*ARRAYS, VIEWS] if has_views else list(ARRAYS)
+    layout[VIEWS] = (np.dtype(np.float64), ())
+    staging = folder.with_name(f".{folder.name}.merged")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    total = int(sum(counts))
+    out = {name: np.lib.format.open_memmap(staging / f"{name}.npy", mode="w+", dtype=layout[name][0],
+                                           shape=(total, *layout[name][1])) for name in names}
+    start = 0
+    with open(staging / "keys.txt", "w") as keys:
+        for part, n in zip(parts, counts):
+            with np.load(part) as z:
+                for name in names:
+                    out[name][start:start + n] = z[name]
+                keys.writelines(f"{k}\n" for k in z["keys"].tolist())
+            start += n
+    for array in out.values():
+        array.flush()
+    del out
+    for name, text in (extra_files or {}).items():
+        (staging / name).write_text(text)
     atomic.swap_dir(staging, folder)
     return folder
 

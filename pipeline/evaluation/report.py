@@ -41,6 +41,7 @@ from .metrics import RankMetrics
 from .protocols import ProtocolResult, evaluate_protocol
 from .rerank import RerankConfig
 from .spec import MODES, DistanceSpec
+from .topk import attention_weights
 
 # (split, sample keys) -> {key: (rgb (H, W, 3) uint8, labels (H, W) uint8)}
 ImageFetcher = Callable[[str, set[str]], dict[str, tuple[np.ndarray, np.ndarray]]]
@@ -257,17 +258,6 @@ def query_rows(results: dict[str, ProtocolResult],
     return rows
 
 
-def attention(v_query: np.ndarray, v_gallery: np.ndarray, spec: DistanceSpec) -> np.ndarray:
-    """Common-visible attention a_i (docs/method.md eq. 3) between one query and each gallery row.
-
-    v_query (4,), v_gallery (n, 4) visibilities -> (n, 4) weights summing to 1 per row
-    (all zero where the two images share no visible part).
-    """
-    prod = (v_query[None, :] + spec.vis_offset) * (v_gallery + spec.vis_offset)
-    total = prod.sum(1, keepdims=True)
-    return np.divide(prod, total, out=np.zeros_like(prod, dtype=np.float64), where=total > 0)
-
-
 def ranked_lists(query: FeatureSet, gallery: FeatureSet, picks: list[int], spec: DistanceSpec,
                  remove_junk: bool, k: int = 10) -> list[dict]:
     """Top-``k`` gallery entries for each query index in ``picks``, junk excluded as when scored.
@@ -288,7 +278,7 @@ def ranked_lists(query: FeatureSet, gallery: FeatureSet, picks: list[int], spec:
         vg = np.asarray(gallery.visibility, dtype=np.float64)[order]
         out.append({"query": qi, "gallery": order.tolist(), "distance": row[order].tolist(),
                     "correct": (gallery.ids[order] == query.ids[qi]).tolist(),
-                    "weights": attention(vq, vg, spec)})
+                    "weights": attention_weights(vq, vg, spec)})
     return out
 
 

@@ -13,7 +13,7 @@ Two sinks split the shards across ranks by :meth:`DistInfo.share`:
   receives all features as a :class:`~pipeline.evaluation.features.FeatureSet`;
 * :func:`extract_split` (the evaluate stage): each rank writes one part file per
   shard into a staging folder on the (shared) filesystem; after a barrier rank 0
-  concatenates the parts in manifest order into an embedding folder
+  concatenates the parts in manifest order, one at a time, into an embedding folder
   (:mod:`pipeline.evaluation.features`). The result is the same array, in the same
   order, as one process would produce, and no rank holds another rank's features
   (VERI-Wild's gallery is 128k images).
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from pipeline import atomic
 from pipeline.data.shards import decode_sample, eval_pipeline, shard_urls
 from pipeline.data.transforms import normalize_images
 from pipeline.dist.env import DistInfo, barrier, gather_to_main
-from pipeline.evaluation.features import ARRAYS, VIEWS, FeatureSet, write_feature_folder
+from pipeline.evaluation.features import ARRAYS, VIEWS, FeatureSet, merge_part_files
 from pipeline.progress import progress
 from pipeline.reid.data import EvalTransform, collate
 
@@ -122,32 +122,45 @@ def gather_features(forward: Forward, shard_dir: Path, split: str, info: DistInf
     return FeatureSet(a["ids"], a["cams"], a["global"], a["local"], a["visibility"], _views_or_none(a[VIEWS]))
 
 
-def extract_split(forward: Forward, shard_dir: Path, split: str, out_dir: Path, info: DistInfo, *,
-                  size: tuple[int, int], batch_size: int = 64, num_workers: int = 1) -> Path:
-    """Embed every sample of ``split`` (all ranks take part); rank 0 writes ``out_dir/split/``.
+def embed_parts(jobs: Sequence[Any], embed: Callable[[Any], dict[str, np.ndarray]], staging: Path, info: DistInfo,
+                *, desc: str) -> list[Path] | None:
+    """Every rank embeds its share of ``jobs`` (:meth:`DistInfo.share`), one part file per job in ``staging``.
 
-    Returns the split's embedding folder. Other ranks return once rank 0 has written it.
+    ``embed(job)`` returns the job's arrays (:data:`ARRAYS`, ``views``, ``keys``, and any
+    extra arrays the caller wants to read back). All ranks take part; after a barrier rank 0
+    gets the part files in job order (other ranks None): the same arrays whatever the rank
+    count. ``staging`` (on a filesystem every rank sees) is emptied first.
     """
-    urls = shard_urls(shard_dir, split)
-    staging = Path(out_dir) / f".{split}.parts"
+    staging = Path(staging)
     if info.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier(info)
-    indices = info.share(range(len(urls)))
-    with progress(desc=f"embed {split}", unit="shard", total=len(indices), enabled=info.is_main) as bar:
-        for index in indices:   # one loader per shard: a part file per shard, whatever the rank count
-            arrays = embed_shards(forward, [urls[index]], size=size, batch_size=batch_size, num_workers=num_workers)
+    indices = info.share(range(len(jobs)))
+    with progress(desc=desc, unit="part", total=len(indices), enabled=info.is_main) as bar:
+        for index in indices:
+            arrays = embed(jobs[index])
             with atomic.replacing(staging / f"{index:06d}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, **arrays)  # a file object: np.savez would append ".npz" to a path
             bar.update()
     barrier(info)
+    return [staging / f"{i:06d}.npz" for i in range(len(jobs))] if info.is_main else None
+
+
+def extract_split(forward: Forward, shard_dir: Path, split: str, out_dir: Path, info: DistInfo, *,
+                  size: tuple[int, int], batch_size: int = 64, num_workers: int = 1) -> Path:
+    """Embed every sample of ``split`` (all ranks take part); rank 0 writes ``out_dir/split/``.
+
+    One part per shard (whatever the rank count). Returns the split's embedding folder.
+    Other ranks return once rank 0 has written it.
+    """
     final = Path(out_dir) / split
-    if info.is_main:
-        parts = [np.load(staging / f"{i:06d}.npz") for i in range(len(urls))]
-        arrays = {name: np.concatenate([p[name] for p in parts]) for name in (*ARRAYS, VIEWS)}
-        arrays[VIEWS] = _views_or_none(arrays[VIEWS])
-        write_feature_folder(final, arrays, [k for p in parts for k in p["keys"].tolist()])
+    staging = final.with_name(f".{split}.parts")
+    parts = embed_parts(shard_urls(shard_dir, split), lambda url: embed_shards(
+        forward, [url], size=size, batch_size=batch_size, num_workers=num_workers), staging, info,
+        desc=f"embed {split}")
+    if parts is not None:
+        merge_part_files(parts, final)
         shutil.rmtree(staging, ignore_errors=True)
     barrier(info)
     return final

@@ -52,6 +52,10 @@ class PretrainedError(InputError):
     """A pretrained weights file that is missing or does not fit the backbone."""
 
 
+class ModelFileError(InputError):
+    """A ReID model file that is missing or not one (``models/reid/model.pt``)."""
+
+
 def build_backbone(name: str, last_stride: int = 1, pretrained: str | None = None) -> tuple[nn.Module, int]:
     """A torchvision ResNet without its pooling and fc head -> (module, channels).
 
@@ -190,9 +194,11 @@ class PVEN(nn.Module):
             local, vis = mask_average_pool(fmap.float(), parts, self.vis_offset)
             if self.local_neck is not None:
                 # (B, 4, C) -> (B, C, 4) -> (B, 4C): the authors' channel order (c * 4 + i).
-                flat = local.transpose(1, 2).reshape(len(local), -1)
+                # flatten/unflatten, not view(len(local), ...): the batch size stays symbolic in
+                # an ONNX export (a Python int would fix it to the example's batch).
+                flat = local.transpose(1, 2).flatten(1)
                 flat = self.local_neck(flat.to(self.local_neck.weight.dtype)).float()
-                local = flat.view(len(local), -1, NUM_PARTS).transpose(1, 2)
+                local = flat.unflatten(1, (-1, NUM_PARTS)).transpose(1, 2)
         return {"global": f_g.float(), "neck": neck.float(), "logits": logits.float(),
                 "local": local, "visibility": vis}
 
@@ -229,10 +235,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[PV
     """Rebuild a trained PVEN from a model file -> (model in eval mode, the file's other fields)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no ReID model file (run the train_reid stage first)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+        raise ModelFileError(f"{path}: no ReID model file (run the train_reid stage first)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise ModelFileError(f"{path}: not a loadable torch file: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a PVEN model file of format {MODEL_FORMAT}")
+        raise ModelFileError(f"{path}: not a PVEN model file of format {MODEL_FORMAT}")
     cfg = payload["config"]
     model = PVEN(cfg["num_classes"], backbone=cfg["backbone"], last_stride=cfg["last_stride"],
                  mask_pool=cfg["mask_pool"], pretrained=None, local_neck=cfg.get("local_neck", False),
