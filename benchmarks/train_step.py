@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import LossConfig, load_params  # noqa: E402
 from pipeline.data.transforms import normalize_images  # noqa: E402
-from pipeline.dist.backends import BackendOptions, DDPBackend, bf16_supported  # noqa: E402
-from pipeline.dist.env import DistInfo  # noqa: E402
+from pipeline.dist.backends import BackendOptions, DDPBackend  # noqa: E402
+from pipeline.dist.env import DistInfo, bf16_supported  # noqa: E402
 from pipeline.reid.losses import pven_loss  # noqa: E402
 from pipeline.reid.model import PVEN  # noqa: E402
 

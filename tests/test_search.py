@@ -21,8 +21,9 @@ from PIL import Image
 from pipeline.data.shards import iter_samples, shard_urls
 from pipeline.evaluation.dense import pven_distance
 from pipeline.evaluation.features import FeatureSet, load_features
+from pipeline.evaluation.kernel import DEFAULT_TILE
 from pipeline.evaluation.spec import DistanceSpec
-from pipeline.evaluation.topk import attention_weights, nearest
+from pipeline.evaluation.topk import QUERY_TILE, attention_weights, nearest
 from pipeline.search.encoder import Encoder
 from tests.conftest import free_port, save_random_models, stage_env
 
@@ -84,7 +85,7 @@ def test_a_query_ranks_the_folder_index_exactly_and_draws_it(exported_project, p
     feats = enc.features(images, enc.masks(images))
     index, keys = load_features(exported_project / "indexes/photos")
     q = FeatureSet(np.full(2, -1), None, feats["global"], feats["local"], feats["visibility"])
-    dense = pven_distance(q, index, enc.spec)
+    dense = pven_distance(q, index, enc.spec, tile=QUERY_TILE)
     for qi, result in enumerate(out["queries"]):
         order = np.argsort(dense[qi], kind="stable")[:6]
         assert [r["key"] for r in result["results"]] == [keys[j] for j in order]
@@ -176,10 +177,11 @@ def test_nearest_over_blocks_equals_a_stable_sort_of_the_dense_matrix(spec):
                           rng.normal(size=(m, 4, c)).astype(np.float32), vis)
     gallery, query = features(n), features(5)
     gallery = FeatureSet.concat([gallery, gallery.subset(slice(0, 40))])     # exact ties: duplicated rows
-    dense = pven_distance(query, gallery, spec)
-    for rows in (17, 256, 1000):
-        blocks = [gallery.subset(slice(s, s + rows)) for s in range(0, len(gallery), rows)]
-        dist, idx = nearest(query, blocks, spec, k=25)
+    for tile in (DEFAULT_TILE, QUERY_TILE):
+        dense = pven_distance(query, gallery, spec, tile=tile)
         order = np.argsort(dense, axis=1, kind="stable")[:, :25]
-        np.testing.assert_array_equal(idx, order)
-        np.testing.assert_array_equal(dist, np.take_along_axis(dense, order, 1))
+        for rows in (17, 256, 1000):
+            blocks = [gallery.subset(slice(s, s + rows)) for s in range(0, len(gallery), rows)]
+            dist, idx = nearest(query, blocks, spec, k=25, tile=tile)
+            np.testing.assert_array_equal(idx, order)
+            np.testing.assert_array_equal(dist, np.take_along_axis(dense, order, 1))

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pipeline.dist.checkpoint import load_plain, torch_save_atomic
-from pipeline.dist.env import DistInfo
+from pipeline.dist.env import DistInfo, bf16_supported
 
 BACKENDS = ("ddp", "deepspeed")
 
@@ -56,16 +56,6 @@ class BackendOptions:
     channels_last: bool = False
     sync_bn: bool = False
     deepspeed_config: str | Path | None = None
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs natively (CPU: oneDNN bf16 support; CUDA: compute capability)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _optimizer(model: nn.Module, opts: BackendOptions) -> tuple[torch.optim.Optimizer, Any]:

@@ -110,3 +110,17 @@ def shutdown(info: DistInfo) -> None:
     """Destroy the group if we made it (gloo processes may abort at exit otherwise)."""
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively (CPU: oneDNN bf16 support; CUDA: compute capability).
+
+    Without it (a CPU without AVX512-BF16/AMX) autocast emulates bf16 and a training step is
+    tens of times slower than fp32: the training loops then run in fp32, with a warning.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -19,17 +19,23 @@ import numpy as np
 
 from .dense import pven_distance
 from .features import FeatureSet
+from .kernel import DEFAULT_TILE
 from .spec import DistanceSpec
 
-__all__ = ["nearest", "attention_weights"]
+__all__ = ["QUERY_TILE", "nearest", "attention_weights"]
+
+QUERY_TILE = (8, 512)   # (query rows, gallery columns) of each GEMM for a few query images
 
 
-def nearest(query: FeatureSet, blocks: Iterable[FeatureSet], spec: DistanceSpec,
-            k: int) -> tuple[np.ndarray, np.ndarray]:
+def nearest(query: FeatureSet, blocks: Iterable[FeatureSet], spec: DistanceSpec, k: int,
+            tile: tuple[int, int] = DEFAULT_TILE) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest gallery images of each query -> (distances (Q, k') float32, indices (Q, k') int64).
 
     ``blocks`` are consecutive pieces of the gallery; indices count from the first row of
     the first block. k' = min(k, gallery size). Rows are sorted by distance, ties by index.
+    ``tile``: the kernel's GEMM tile; :data:`QUERY_TILE` for a handful of queries (the
+    evaluator's 256 query rows would pad one query 256-fold; distances then differ from the
+    evaluator's in the last bits only, and are the same for a pair whatever the blocks).
     """
     if k < 1:
         raise ValueError(f"k: got {k}, expected >= 1")
@@ -37,7 +43,7 @@ def nearest(query: FeatureSet, blocks: Iterable[FeatureSet], spec: DistanceSpec,
     best_i = np.empty((len(query), 0), np.int64)
     offset = 0
     for block in blocks:
-        d = pven_distance(query, block, spec)
+        d = pven_distance(query, block, spec, tile=tile)
         cand_d = np.concatenate([best_d, d], axis=1)
         cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(offset, offset + len(block)), d.shape)], axis=1)
         keep = min(k, cand_d.shape[1])

@@ -23,7 +23,7 @@ from pipeline.constants import PART_NAMES
 from pipeline.data.shards import fetch_samples
 from pipeline.dist.env import init_distributed, shutdown
 from pipeline.evaluation.features import FeatureSet
-from pipeline.evaluation.topk import attention_weights, nearest
+from pipeline.evaluation.topk import QUERY_TILE, attention_weights, nearest
 from pipeline.search.encoder import BACKENDS, Encoder
 from pipeline.search.images import read_image
 from pipeline.search.index import build_index, check_compatible, index_blocks, keys_at, read_index
@@ -88,7 +88,7 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
     feats = encoder.features(images, masks)
     n = len(images)
     query = FeatureSet(np.full(n, -1), np.full(n, -1), feats["global"], feats["local"], feats["visibility"])
-    dist, rows = nearest(query, index_blocks(args.index, args.block_rows), encoder.spec, args.top)
+    dist, rows = nearest(query, index_blocks(args.index, args.block_rows), encoder.spec, args.top, QUERY_TILE)
     vis = np.load(args.index / "visibility.npy", mmap_mode="r")
     ids = np.load(args.index / "ids.npy", mmap_mode="r")
     keys = keys_at(args.index, {int(r) for r in rows.ravel()})
