@@ -135,12 +135,31 @@ def check_compatible(record: dict[str, Any], encoder: Encoder, folder: Path) -> 
 
 
 def index_blocks(folder: Path, rows: int) -> Iterator[FeatureSet]:
-    """The index as consecutive :class:`FeatureSet` blocks of at most ``rows`` images (memory-mapped)."""
-    arrays = {name: np.load(Path(folder) / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-    n = len(arrays["ids"])
-    for start in range(0, n, rows):
-        piece = {name: np.array(a[start:start + rows]) for name, a in arrays.items()}
-        yield FeatureSet(piece["ids"], piece["cams"], piece["global"], piece["local"], piece["visibility"])
+    """The index as consecutive :class:`FeatureSet` blocks of at most ``rows`` images.
+
+    Each block is read from the ``.npy`` files with plain reads (their headers give offset,
+    dtype and shape), not through a memory map: a map's pages count as the process's resident
+    memory as it walks a 10 GB index, reads hold one block.
+    """
+    layout = {}
+    for name in ARRAYS:
+        mapped = np.load(Path(folder) / f"{name}.npy", mmap_mode="r")
+        layout[name] = (mapped.offset, mapped.dtype, mapped.shape)
+        del mapped
+    n = layout["ids"][2][0]
+    files = {name: open(Path(folder) / f"{name}.npy", "rb") for name in ARRAYS}
+    try:
+        for start in range(0, n, rows):
+            count = min(rows, n - start)
+            piece = {}
+            for name, (offset, dtype, shape) in layout.items():
+                row = int(np.prod(shape[1:], dtype=np.int64))
+                files[name].seek(offset + start * row * dtype.itemsize)
+                piece[name] = np.fromfile(files[name], dtype, count * row).reshape(count, *shape[1:])
+            yield FeatureSet(piece["ids"], piece["cams"], piece["global"], piece["local"], piece["visibility"])
+    finally:
+        for f in files.values():
+            f.close()
 
 
 def keys_at(folder: Path, rows: set[int]) -> dict[int, str]:
