@@ -11,7 +11,15 @@ from pipeline.config import LossConfig
 from pipeline.dist.checkpoint import torch_save_atomic
 from pipeline.reid.distance import euclidean, pairwise_local_distance
 from pipeline.reid.losses import batch_hard_triplet, id_loss, pven_loss
-from pipeline.reid.model import PVEN, PretrainedError, load_model, mask_average_pool, masks_to_parts, model_payload
+from pipeline.reid.model import (
+    PVEN,
+    ModelFileError,
+    PretrainedError,
+    load_model,
+    mask_average_pool,
+    masks_to_parts,
+    model_payload,
+)
 
 # Three images, C = 2. Parts: front, back, side, top.
 #   p: front (0, 0) area 2, side (1, 0) area 1;            back, top invisible
@@ -172,5 +180,8 @@ def test_model_file_round_trip_with_weights_only(tmp_path):
     assert meta["class_vids"] == [7, 9, 11, 12] and meta["image_size"] == [64, 64]
     x, m = torch.randn(1, 3, 64, 64), torch.randint(0, 5, (1, 64, 64))
     assert torch.equal(model(x, m)["neck"], loaded(x, m)["neck"])
-    with pytest.raises(FileNotFoundError, match="train_reid"):
+    with pytest.raises(ModelFileError, match="nope.pt: no ReID model file.*train_reid"):
         load_model(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ModelFileError, match="junk.pt: not a loadable torch file"):
+        load_model(tmp_path / "junk.pt")
