@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import publish  # noqa: E402
 from pipeline.export.graphs import ReidGraph, export_onnx  # noqa: E402
 from pipeline.export.runtime import OnnxReid  # noqa: E402
 from pipeline.reid.model import PVEN  # noqa: E402
@@ -114,10 +115,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['preset']} | {r['batch']} | {r['mode']} | {r['s']:.4f} | {r['img_s']:.1f} | "
                      f"{base[(r['preset'], r['batch'])] / r['s']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out != "-":
-        Path(args.out).write_text(text)
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

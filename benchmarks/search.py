@@ -6,8 +6,8 @@
 Indexes are synthetic features written straight to disk in the search index format
 (:mod:`pipeline.search.index`: ResNet-18 sizes, global 512-d, parts 4 x 512, random
 visibilities), never rendered. A query = the exact PVEN top-10 of ``--queries`` query
-features over the whole index, streamed in blocks of ``--block-rows`` rows from the
-memory-mapped files (:func:`pipeline.evaluation.topk.nearest` over
+features over the whole index, streamed in blocks of ``--block-rows`` rows read from the
+files (:func:`pipeline.evaluation.topk.nearest` over
 :func:`pipeline.search.index.index_blocks`): the search command's ranking, without the
 image decoding and the two networks (a constant per query image, see RESULTS-export.md).
 Each size runs in its own process, which reports the median of 3 queries on a warm page
@@ -29,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import publish  # noqa: E402
 
 C = 512
 CHUNK = 50_000
@@ -102,17 +104,14 @@ def main() -> None:
                 f.unlink()
     lines = [f"# Search query latency against index size (benchmarks/search.py, {time.strftime('%Y-%m-%d')})", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs. Exact PVEN top-10 (paper variant), "
-             f"index streamed in blocks of {args.block_rows} rows from memory-mapped files; median of 3 queries on a "
+             f"index streamed in blocks of {args.block_rows} rows read from its files; median of 3 queries on a "
              "warm page cache (first: the query that read the files). Peak = the query process's VmHWM.", "",
              "| index images | index GiB | queries | first s | median s | s per query image | peak MiB |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['gib']:.2f} | {r['queries']} | {r['first_s']:.2f} | {r['median_s']:.3f} | "
                      f"{r['median_s'] / r['queries']:.3f} | {r['peak_mib']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out != "-":
-        Path(args.out).write_text(text)
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

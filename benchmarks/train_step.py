@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import publish  # noqa: E402
 from pipeline.config import LossConfig, load_params  # noqa: E402
 from pipeline.data.transforms import normalize_images  # noqa: E402
 from pipeline.dist.backends import BackendOptions, DDPBackend  # noqa: E402
@@ -156,14 +157,7 @@ def main() -> None:
     for r in loads:
         ratio = r["img_s"] / default["channels_last+bf16"] if "channels_last+bf16" in default else float("nan")
         lines.append(f"| {r['workers']} | {r['img_s']:.0f} | {ratio:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out != "-":
-        out = Path(args.out)
-        # Hand-written conclusions under "## Notes" survive a re-run; the tables are replaced.
-        old = out.read_text() if out.exists() else ""
-        notes = old[old.index("\n## Notes"):] if "\n## Notes" in old else ""
-        out.write_text(text + notes)
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ def test_bad_input_names_the_file_and_leaves_no_half_written_index(exported_proj
     done = search(exported_project, "index", str(folder), "--out", str(tmp_path / "index"))
     assert done.returncode == 2 and f"{folder / 'grey.png'}: a grayscale image" in done.stderr  # the first, sorted
     assert (tmp_path / "index/global.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "index"]  # no staging parts left behind
     done = search(exported_project, "index", str(folder), "--out", str(tmp_path / "index"), "--skip-bad")
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "index/index.json").read_text())

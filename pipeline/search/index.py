@@ -67,21 +67,24 @@ def build_index(source: Path, out: Path, encoder: Encoder, info: DistInfo, *, sp
         def embed(names: list[str]) -> dict[str, np.ndarray]:
             return _embed_files(encoder, source, names, batch_size, skip_bad)
     staging = out.with_name(f".{out.name}.parts")
-    parts = embed_parts(jobs, embed, staging, info, desc=f"index {source.name}")
     record = None
-    if parts is not None:
-        skipped, count = [], 0
-        for part in parts:
-            with np.load(part) as z:
-                skipped += [str(s) for s in z["skipped"].tolist()]
-                count += len(z["ids"])
-        if count == 0:
+    try:
+        parts = embed_parts(jobs, embed, staging, info, desc=f"index {source.name}")
+        if parts is not None:
+            skipped, count = [], 0
+            for part in parts:
+                with np.load(part) as z:
+                    skipped += [str(s) for s in z["skipped"].tolist()]
+                    count += len(z["ids"])
+            if count == 0:
+                raise InputError(f"{source}: no image could be indexed ({len(skipped)} skipped, e.g. {skipped[:1]})")
+            record = {"format": INDEX_FORMAT, "count": count, "model": encoder.model, "backend": encoder.backend,
+                      "source": record_source, "skipped": skipped}
+            merge_part_files(parts, out, {INDEX_FILE: json.dumps(record, indent=2) + "\n"})
+    finally:
+        # The staging parts are rank 0's to remove, after a success and after a bad image alike.
+        if info.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-            raise InputError(f"{source}: no image could be indexed ({len(skipped)} skipped, e.g. {skipped[:1]})")
-        record = {"format": INDEX_FORMAT, "count": count, "model": encoder.model, "backend": encoder.backend,
-                  "source": record_source, "skipped": skipped}
-        merge_part_files(parts, out, {INDEX_FILE: json.dumps(record, indent=2) + "\n"})
-        shutil.rmtree(staging, ignore_errors=True)
     barrier(info)
     return record
 
