@@ -6,7 +6,8 @@
 
 Inference = uint8 images (B, 3, H, W) + uint8 label maps (B, H, W) -> global, part features
 and visibilities: :class:`pipeline.export.graphs.ReidGraph` in torch (fp32; bf16 autocast;
-on CUDA also bf16 + channels_last) against the same graph exported to ONNX
+on CUDA also bf16 + channels_last; bf16 only where the device has it natively) against the
+same graph exported to ONNX
 (:func:`pipeline.export.graphs.export_onnx`) and run by onnxruntime (CPU execution provider;
 on CUDA also the CUDA provider when onnxruntime has it). Batches of 1 and 32; presets
 ``default`` (ResNet-18 at 128 px) and ``paper`` (ResNet-50 at 256 px). Random weights and
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import publish  # noqa: E402
+from pipeline.dist.env import bf16_supported  # noqa: E402
 from pipeline.export.graphs import ReidGraph, export_onnx  # noqa: E402
 from pipeline.export.runtime import OnnxReid  # noqa: E402
 from pipeline.reid.model import PVEN  # noqa: E402
@@ -85,7 +87,9 @@ def measure(preset: str, graph: ReidGraph, runners: dict, batch: int, size: int,
                 torch.cuda.synchronize()
             return out
         return call
-    modes = {"torch eager fp32": eager(on_device, False), "torch eager bf16": eager(on_device, True)}
+    modes = {"torch eager fp32": eager(on_device, False)}
+    if bf16_supported(device):  # emulated bf16 (a CPU without AVX512-BF16/AMX) is ~10x slower than fp32
+        modes["torch eager bf16"] = eager(on_device, True)
     if device.type == "cuda":
         modes["torch bf16 + channels_last"] = eager(last, True, True)
     for name, runner in runners.items():
@@ -109,7 +113,8 @@ def main() -> None:
         rows = [r for preset in args.presets for r in run(preset, args.batches, args.repeats, args.device, Path(tmp))]
     lines = [f"# Exported PVEN: onnxruntime against torch eager (benchmarks/export.py, {time.strftime('%Y-%m-%d')})",
              "", f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"device {args.device}. Median of {args.repeats} calls after 2 warm-up calls.", "",
+             f"device {args.device}, native bf16: {bf16_supported(torch.device(args.device))}. "
+             f"Median of {args.repeats} calls after 2 warm-up calls.", "",
              "| preset | batch | mode | s/call | img/s | x torch fp32 |", "| --- | --- | --- | --- | --- | --- |"]
     base = {(r["preset"], r["batch"]): r["s"] for r in rows if r["mode"] == "torch eager fp32"}
     for r in rows:

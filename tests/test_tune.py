@@ -449,7 +449,7 @@ def test_trial_resources_follow_the_cluster():
     from pipeline.tune.space import trial_resources
     params = load_params(ROOT / "params.yaml")
     cpu = trial_resources(params, [{"CPU": 2.0}])
-    assert (cpu.workers, cpu.use_gpu, cpu.max_concurrent) == (1, False, 1)   # 1.01 CPUs a trial
+    assert (cpu.workers, cpu.use_gpu, cpu.max_concurrent) == (1, False, 2)   # 0.99 + 0.01 CPUs a trial
     gpu = trial_resources(params, [{"CPU": 8.0}, {"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}])
     assert (gpu.workers, gpu.use_gpu, gpu.max_concurrent) == (4, True, 2)    # one worker per GPU of a node
     with pytest.raises(ConfigError, match="tune.use_gpu: true, but the cluster has no GPU"):
