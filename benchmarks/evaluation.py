@@ -41,7 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results import publish  # noqa: E402
 from pipeline.constants import NUM_PARTS  # noqa: E402
+from pipeline.evaluation import native  # noqa: E402
 from pipeline.evaluation.features import FeatureSet  # noqa: E402
 from pipeline.evaluation.kernel import BlockKernel  # noqa: E402
 from pipeline.evaluation.metrics import RankMetrics, rank_metrics  # noqa: E402
@@ -197,13 +199,14 @@ class GemmOnlyKernel(BlockKernel):
 
 
 def gemm_only_seconds(q: FeatureSet, g: FeatureSet, spec: DistanceSpec, q_block: int, g_block: int,
-                      matmul_dtype: torch.dtype | None = None) -> tuple[float, float, float]:
+                      matmul_dtype: torch.dtype | None = None, device: str = "cpu") -> tuple[float, float, float]:
     """Wall seconds, flops and CPU seconds of the evaluator's GEMMs alone over all Q x G
     pairs (same tiles and threads; layout excluded)."""
-    prov = TiledProvider(q, g, spec, q_block=q_block, g_block=g_block, matmul_dtype=matmul_dtype)
+    prov = TiledProvider(q, g, spec, q_block=q_block, g_block=g_block, matmul_dtype=matmul_dtype, device=device)
     prov.start()
     try:
-        prov.kernel = GemmOnlyKernel(spec, prov.tile, bf16=prov.bf16, workers=prov.kernel.workers)
+        prov.kernel = GemmOnlyKernel(spec, prov.tile, bf16=prov.bf16, workers=prov.kernel.workers,
+                                     device=prov.device)
         prov.cache_bytes = 0
         prov.set_gallery_order(np.arange(len(g)))
         secs = cpu = 0.0
@@ -211,13 +214,20 @@ def gemm_only_seconds(q: FeatureSet, g: FeatureSet, spec: DistanceSpec, q_block:
             gh = prov.gallery(g0, min(len(g), g0 + prov.g_block))
             for q0 in range(0, len(q), prov.q_block):
                 qh = prov.queries(torch.arange(q0, min(len(q), q0 + prov.q_block)))
+                sync(device)
                 t0, c0 = time.perf_counter(), cpu_seconds()
                 prov.distances(qh, gh, 0, gh.n)
+                sync(device)
                 secs += time.perf_counter() - t0
                 cpu += cpu_seconds() - c0
         return secs, float(prov.flops), cpu
     finally:
         prov.close()
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def baseline(q: FeatureSet, g: FeatureSet, spec: DistanceSpec, n_queries: int,
@@ -405,6 +415,133 @@ def bench_size(name: str, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------- the GEMM limit
+
+MODE_VARIANTS = [(m, v) for v in ("paper", "official") for m in ("global", "local", "pven")]
+
+
+def machine_peak(device: str, reps: int = 3) -> float:
+    """GFLOP/s of one large float32 GEMM (4096 x 16384 x 512) with all of torch's threads, best of ``reps``."""
+    a = torch.randn(4096, 512, device=device)
+    b = torch.randn(16384, 512, device=device)
+    c = torch.empty(4096, 16384, device=device)
+    best = math.inf
+    for _ in range(reps + 1):       # the first call warms up (MKL / cuBLAS setup)
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b.T, out=c)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 * 16384 * 512 / best / 1e9
+
+
+class ProfilingKernel(BlockKernel):
+    """The evaluator's kernel, timing per worker its GEMMs and whole tiles (the rest is elementwise work)."""
+    last: ProfilingKernel | None = None
+
+    def __init__(self, *a, **kw):  # noqa: ANN002, ANN003 - BlockKernel's arguments
+        super().__init__(*a, **kw)
+        self.t_gemm = [0.0] * self.workers
+        self.t_tile = [0.0] * self.workers
+        self._who = threading.local()
+        ProfilingKernel.last = self
+
+    def _gram(self, *a, **kw):  # noqa: ANN002, ANN003
+        t0 = time.perf_counter()
+        super()._gram(*a, **kw)
+        self.t_gemm[self._who.w] += time.perf_counter() - t0
+
+    def _weight_sums(self, *a, **kw):  # noqa: ANN002, ANN003
+        t0 = time.perf_counter()
+        super()._weight_sums(*a, **kw)
+        self.t_gemm[self._who.w] += time.perf_counter() - t0
+
+    def tile(self, q, rs, g, cs, out, s=None):  # noqa: ANN001 - mirrors BlockKernel.tile
+        self._who.w = w = 0 if s is None else next(i for i, x in enumerate(self._scratch) if x is s)
+        t0 = time.perf_counter()
+        super().tile(q, rs, g, cs, out, s)
+        self.t_tile[w] += time.perf_counter() - t0
+
+
+def profiled_run(q: FeatureSet, g: FeatureSet, spec: DistanceSpec, kw: dict) -> dict:
+    """One evaluation with :class:`ProfilingKernel`: wall-second shares of GEMMs, elementwise
+    steps, counting on the workers and everything else (layout, positives, ranking)."""
+    import pipeline.evaluation.tiled as tiled
+    plain = tiled.BlockKernel
+    tiled.BlockKernel = ProfilingKernel
+    try:
+        ev = StreamingEvaluator(q, g, spec, **kw)
+        t0 = time.perf_counter()
+        ev.run()
+        total = time.perf_counter() - t0
+    finally:
+        tiled.BlockKernel = plain
+    k = ProfilingKernel.last
+    n = k.workers
+    gemm, tile = sum(k.t_gemm) / n, sum(k.t_tile) / n
+    counting = ev.stats["seconds_counting_on_workers"]
+    return {"total": total, "gemm": gemm, "elementwise": tile - gemm, "counting": counting,
+            "other": total - tile - counting}
+
+
+def limit_rows(name: str, q: FeatureSet, g: FeatureSet, args: argparse.Namespace, peak: float) -> list[str]:
+    """One table row per (mode, variant): whole evaluation / its own GEMMs, GFLOP/s, breakdown."""
+    rows = []
+    nq = len(q)
+    check_q = q.subset(slice(0, min(nq, args.check_queries)))
+    for mode, variant in MODE_VARIANTS if args.modes == "all" else [tuple(x.split(":")) for x in
+                                                                    args.modes.split(",")]:
+        spec = DistanceSpec(mode=mode, variant=variant)
+        kw = dict(q_block=args.q_block, g_block=args.g_block, device=args.device)
+        m, st = run_ours(q, g, spec, **kw)
+        gemm_s, gemm_f, gemm_cpu = gemm_only_seconds(q, g, spec, args.q_block, args.g_block, device=args.device)
+        prof = profiled_run(q, g, spec, kw) if args.device == "cpu" else None
+        same = "n/a (GPU)"
+        if args.device == "cpu":    # the compiled loops against the pure-torch path, same queries
+            fast = StreamingEvaluator(check_q, g, spec, **kw).run()
+            os.environ["PVEN_NATIVE"] = "0"
+            native._load.cache_clear()
+            try:
+                ref = StreamingEvaluator(check_q, g, spec, **kw).run()
+            finally:
+                os.environ["PVEN_NATIVE"] = "1"
+                native._load.cache_clear()
+            same = f"{fast.same_as(ref)} ({len(check_q):,} q)"
+        total = st["seconds_total"]
+        brk = "" if prof is None else (
+            f"{prof['gemm'] / prof['total']:.0%} / {prof['elementwise'] / prof['total']:.0%} / "
+            f"{prof['counting'] / prof['total']:.0%} / {prof['other'] / prof['total']:.0%}")
+        rate = gemm_f / gemm_s / 1e9
+        rows.append(f"| {name} | {mode} ({variant}) | {total:.2f} | {gemm_s:.2f} | **{total / gemm_s:.2f}x** | "
+                    f"{st['cpu_seconds'] / gemm_cpu:.2f}x | {rate:.0f} ({rate / peak:.0%} of peak) | {brk} | "
+                    f"{gib(st['peak_bytes'])} | {same} | {m.mAP:.4f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def limit_section(args: argparse.Namespace) -> list[str]:
+    native.lib()                    # build (or load) once, outside every timing
+    peak = machine_peak(args.device)
+    lines = [f"## Whole evaluation against its own GEMMs ({args.device})", "",
+             f"Machine GEMM peak (one 4096 x 16384 x 512 float32 GEMM, all threads, best of 3): "
+             f"**{peak:.0f} GFLOP/s**. Compiled tile loops (pipeline/evaluation/native.c): "
+             f"{native.available() if args.device == 'cpu' else 'not used on a GPU'}. Load average at the "
+             f"start: {os.getloadavg()[0]:.2f}.", "",
+             "| size | mode | whole (s) | own GEMMs (s) | whole / GEMMs (wall) | (CPU time) | GEMM GFLOP/s | "
+             "GEMM / elementwise / counting / other | peak memory above features | metrics = torch path | mAP |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
+    for name in args.sizes.split(","):
+        q, g = make_features(name.strip(), args.global_dim, args.part_dim, args.seed)
+        lines += limit_rows(name.strip(), q, g, args, peak)
+        del q, g
+    lines += ["", "Whole = construction (per-set norms) + layout + distances + ranking + metrics, wall time. "
+              "Own GEMMs = the same GEMM calls on the same tiles and threads, nothing else. The breakdown "
+              "(shares of the whole, from a second run with per-worker timers) puts the weight-sum GEMM (K = 4) "
+              "under GEMM; other = layout, positives, ranker set-up and finalisation. `metrics = torch path`: "
+              "the same evaluation with PVEN_NATIVE=0 (the pure-torch tile path), RankMetrics bitwise equal.", ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="veri", help="comma list of " + ",".join(SIZES))
@@ -419,20 +556,31 @@ def main(argv: list[str] | None = None) -> None:
                          "(0: all, except 500 for galleries above 20,000 images)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-rerank", action="store_true", help="skip the re-ranking line (VeRi size)")
-    ap.add_argument("--out", default="", help="write the markdown report here (atomically)")
+    ap.add_argument("--out", default="-", help="write the markdown report here (atomically); '-' prints only")
+    ap.add_argument("--sections", default="baseline,limit",
+                    help="comma list: baseline (streaming vs dense argsort, --mode/--variant), "
+                         "limit (whole / own GEMMs for every mode, see --modes)")
+    ap.add_argument("--modes", default="all", help="limit section: all, or a comma list of mode:variant")
+    ap.add_argument("--check-queries", type=int, default=2000,
+                    help="limit section: queries whose metrics are checked against the pure-torch path")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the GEMMs run")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available on this machine")
+    sections = {x.strip() for x in args.sections.split(",")}
+    if not sections <= {"baseline", "limit"}:
+        ap.error(f"--sections {args.sections!r}: expected baseline and/or limit")
     lines = ["# Evaluation benchmark: streaming exact metrics vs dense argsort", "",
              f"Command: `python benchmarks/evaluation.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
              f"{torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}. "
              f"One run; timings on a shared machine vary by tens of percent between runs.", ""]
-    for name in args.sizes.split(","):
-        lines += bench_size(name.strip(), args)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        from pipeline.atomic import write_text
-        write_text(args.out, text)
+    if "limit" in sections:
+        lines += limit_section(args)
+    if "baseline" in sections:
+        for name in args.sizes.split(","):
+            lines += bench_size(name.strip(), args)
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

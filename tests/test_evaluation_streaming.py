@@ -125,3 +125,15 @@ def test_empty_gallery_or_queries():
     m = evaluate(q.subset(np.zeros(0, dtype=int)), g)
     assert (m.num_queries, m.num_skipped) == (0, 0)
     assert pven_distance(q, empty).shape == (5, 0)
+
+
+def test_device_is_checked_with_a_clear_error():
+    q, g = make_problem(4, 20, 100, 10)
+    with pytest.raises(ValueError, match="expected cpu or cuda"):
+        StreamingEvaluator(q, g, DistanceSpec(), device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            StreamingEvaluator(q, g, DistanceSpec(), device="cuda")
+    # an explicit CPU device is the default path
+    assert StreamingEvaluator(q, g, DistanceSpec(), device="cpu").run().same_as(
+        StreamingEvaluator(q, g, DistanceSpec()).run())

@@ -45,14 +45,18 @@ import torch
 from pipeline.constants import NUM_PARTS
 from pipeline.threads import kernel_threads
 
+from . import native
 from .features import FeatureSet, as_tensor
 from .spec import DistanceSpec
 
-__all__ = ["DEFAULT_TILE", "MIN_WEIGHT", "NORM_EPS", "BlockKernel", "Chunk", "PreparedSet", "check_tile", "round_up"]
+__all__ = ["CUDA_TILE", "DEFAULT_TILE", "MIN_WEIGHT", "NORM_EPS", "BlockKernel", "Chunk", "PreparedSet", "check_tile",
+           "round_up"]
 
 # (rows, cols) of every GEMM output. 256 rows amortise MKL's packing of the gallery
 # tile; 512 columns keep a tile's float32 scratch (512 KiB) in L2.
 DEFAULT_TILE = (256, 512)
+# On a GPU one tile is a whole default block: few, large launches (scratch 8 x 32 MiB).
+CUDA_TILE = (1024, 8192)
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 _NORM_ROWS = 4096  # fixed row chunk for per-row reductions (keeps them reproducible)
 MIN_WEIGHT = 1e-6  # visibility below this fraction of an image's most visible part = invisible
@@ -112,6 +116,16 @@ class Chunk:
     pA: torch.Tensor | None = None
     pN: torch.Tensor | None = None
     w: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Chunk:
+        """The same chunk on ``device`` (itself when it is there already)."""
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device, non_blocking=True)
+        present = [x for x in (self.gA, self.pA) if x is not None]
+        if not present or present[0].device == device:
+            return self
+        return Chunk(n=self.n, n_pad=self.n_pad, gA=move(self.gA), gN=move(self.gN), pA=move(self.pA),
+                     pN=move(self.pN), w=move(self.w))
 
     def rows(self, r0: int, r1: int) -> Chunk:
         """Rows ``r0:r1`` as views (``r1 <= n_pad``); ``n`` counts the real rows among them."""
@@ -277,21 +291,27 @@ class BlockKernel:
 
     Use inside :func:`kernel_threads` (which sets ``workers``); :meth:`block` spreads a
     block's tile columns over ``workers`` threads. Call :meth:`close` when done.
+    ``device``: where the chunks and the scratch live (CUDA: one worker; the torch ops
+    run there, the compiled CPU loops do not).
     """
 
     def __init__(self, spec: DistanceSpec, tile: tuple[int, int] = DEFAULT_TILE, bf16: bool = False,
-                 workers: int = 1) -> None:
+                 workers: int = 1, device: torch.device | str = "cpu") -> None:
         tm, tn = check_tile(tile)
         self.spec, self.tm, self.tn, self.bf16 = spec, tm, tn, bf16
         self.lam = spec.lam_value
-        self.workers = max(1, int(workers))
+        self.device = torch.device(device)
+        self.workers = max(1, int(workers)) if self.device.type == "cpu" else 1
+        # the compiled tile loops (same bits, one pass each) unless PVEN_NATIVE=0 / no compiler
+        self.native = self.device.type == "cpu" and native.available()
         self._scratch = [self._new_scratch() for _ in range(self.workers)]
         self._pool: ThreadPoolExecutor | None = None
 
     def _new_scratch(self) -> dict[str, torch.Tensor]:
-        s = {k: torch.empty(self.tm, self.tn) for k in ("dg", "rg", "num", "tmp", "r", "den", "out", "floor")}
+        s = {k: torch.empty(self.tm, self.tn, device=self.device)
+             for k in ("dg", "rg", "num", "tmp", "r", "den", "out", "floor")}
         if self.bf16:
-            s["t16"] = torch.empty(self.tm, self.tn, dtype=torch.bfloat16)
+            s["t16"] = torch.empty(self.tm, self.tn, dtype=torch.bfloat16, device=self.device)
         return s
 
     def pool(self) -> ThreadPoolExecutor | None:
@@ -316,6 +336,9 @@ class BlockKernel:
         out.copy_(s["t16"])
         out.addmm_(qn, gn.T)                # norm terms in float32 (K=2)
 
+    def _weight_sums(self, q: Chunk, rs: slice, g: Chunk, cs: slice, den: torch.Tensor) -> None:
+        torch.mm(q.w[rs], g.w[cs].T, out=den)
+
     def tile(self, q: Chunk, rs: slice, g: Chunk, cs: slice, out: torch.Tensor,
              s: dict[str, torch.Tensor] | None = None) -> None:
         """Distances of query rows ``rs`` x gallery rows ``cs`` (one tile) into ``out`` (tm, tn).
@@ -325,6 +348,9 @@ class BlockKernel:
         distances are mostly zeros), with the multiply fused into the accumulation.
         """
         s = s if s is not None else self._scratch[0]
+        if self.native:
+            self._tile_native(q, rs, g, cs, out, s)
+            return
         spec = self.spec
         dg, rg = s["dg"], s["rg"]
         if spec.uses_global:
@@ -360,7 +386,7 @@ class BlockKernel:
             else:
                 num.addcmul_(tmp, r)
         den = s["den"]
-        torch.mm(q.w[rs], g.w[cs].T, out=den)  # sum_i w_p,i w_q,i: 0 or >= MIN_WEIGHT**2
+        self._weight_sums(q, rs, g, cs, den)   # sum_i w_p,i w_q,i: 0 or >= MIN_WEIGHT**2
         # no common visible part: den == 0 and num == 0 exactly, so num / floor = 0 (D_l = 0)
         den.clamp_min_(_DEN_FLOOR)
         if spec.mode == "local":
@@ -375,6 +401,26 @@ class BlockKernel:
             torch.add(num, dg, out=out)
         else:
             torch.addcmul(num, dg, rg, out=out)
+
+    def _tile_native(self, q: Chunk, rs: slice, g: Chunk, cs: slice, out: torch.Tensor,
+                     s: dict[str, torch.Tensor]) -> None:
+        """:meth:`tile` with the elementwise steps in ``native.c``: the same GEMMs, the same
+        float operations in the same order, one pass over the tile per part and one to finish."""
+        spec = self.spec
+        dg = None
+        if spec.uses_global:
+            dg = s["dg"]
+            self._gram(q.gA[rs], g.gA[cs], q.gN[rs] if self.bf16 else None, g.gN[cs] if self.bf16 else None, dg, s)
+            if spec.mode == "global":
+                native.finish(out, None, None, dg, "global", spec.squared, False, 1.0)
+                return
+        num, tmp, den = s["num"], s["tmp"], s["den"]
+        for i in range(NUM_PARTS):
+            self._gram(q.pA[i, rs], g.pA[i, cs], q.pN[i, rs] if self.bf16 else None,
+                       g.pN[i, cs] if self.bf16 else None, tmp, s)
+            native.part_accum(num, tmp, i == 0, spec.part_root, q.w[rs, i], g.w[cs, i])
+        self._weight_sums(q, rs, g, cs, den)
+        native.finish(out, num, den, dg, spec.mode, spec.squared, spec.local_sq, self.lam)
 
     def block(self, q: Chunk, g: Chunk, out: torch.Tensor | None,
               hook: Callable[[int, int, int, torch.Tensor], None] | None = None) -> None:

@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import native
+
 __all__ = ["RankMetrics", "PositiveTable", "BlockRanker", "TileCounter", "MetricAccumulator", "rank_metrics",
            "subset_metrics", "encode_ids", "encode_cams"]
 
@@ -373,7 +375,7 @@ class TileCounter:
     """
 
     def __init__(self, ranker: BlockRanker, workers: int, width: int, q_codes: np.ndarray | None = None,
-                 g_codes: np.ndarray | None = None) -> None:
+                 g_codes: np.ndarray | None = None, device: torch.device | str = "cpu") -> None:
         if ranker.u.dtype != torch.float32:
             raise ValueError(f"TileCounter needs float32 distances, got {ranker.u.dtype}")
         self.r = ranker
@@ -389,6 +391,17 @@ class TileCounter:
         self.slots: list[list[np.ndarray]] = [[] for _ in range(workers)]   # counted at flush
         self.count = [0] * workers
         self.seconds = [0.0] * workers    # time spent counting, per worker (for reports)
+        self.native = native.available()  # native.c counts in one pass; the same counts as _count
+        self.device = torch.device(device)
+        if self.device.type != "cpu":         # tiles arrive on the GPU: filter there (see _count_device)
+            self.native = False
+            self.pmax_dev = ranker.pmax.to(self.device)
+            self.q_dev = None if q_codes is None else torch.from_numpy(np.asarray(q_codes, np.int64)).to(self.device)
+            self.g_dev = None if g_codes is None else torch.from_numpy(np.asarray(g_codes, np.int64)).to(self.device)
+        if self.native:
+            self.ppad_np = np.ascontiguousarray(self.ppad.numpy())
+            self.q_codes = None if q_codes is None else np.ascontiguousarray(q_codes, dtype=np.int64)
+            self.g_codes = None if g_codes is None else np.ascontiguousarray(g_codes, dtype=np.int64)
 
     def __call__(self, worker: int, i0: int, j0: int, tile: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -401,7 +414,16 @@ class TileCounter:
         nr, nc = min(self.r.n - i0, tile.shape[0]), min(self.width - j0, tile.shape[1])
         if nr <= 0 or nc <= 0:
             return
+        if tile.device.type != "cpu":
+            self._count_device(worker, i0, j0, tile[:nr, :nc])
+            return
         t = tile.numpy()[:nr, :nc]
+        if self.native:
+            self.count[worker] += native.count_tile(
+                t, self.r._pmax_np[i0:i0 + nr], self.ppad_np[i0:i0 + nr], self.npos[i0:i0 + nr],
+                self.seg_start[i0:i0 + nr], None if self.q_codes is None else self.q_codes[i0:i0 + nr],
+                None if self.g_codes is None else self.g_codes[j0:j0 + nc], self.hist[worker])
+            return
         cand = t <= self.r._pmax_np[i0:i0 + nr, None]
         k = int(np.count_nonzero(cand))
         if k == 0:
@@ -422,8 +444,21 @@ class TileCounter:
             rows, cols = rows[keep], cols[keep]
         if rows.size == 0:
             return
-        rows += i0
-        pos = np.searchsorted(self.pkeys, _float_keys(rows, t[rows - i0, cols]))
+        self._add_candidates(worker, rows + i0, t[rows, cols])
+
+    def _count_device(self, worker: int, i0: int, j0: int, t: torch.Tensor) -> None:
+        """A GPU tile: candidates are picked out there; only they (row, value) cross to the CPU."""
+        nr, nc = t.shape
+        cand = t <= self.pmax_dev[i0:i0 + nr, None]
+        if self.q_dev is not None:
+            cand &= self.q_dev[i0:i0 + nr, None] != self.g_dev[None, j0:j0 + nc]
+        rows, cols = cand.nonzero(as_tuple=True)
+        if rows.numel():
+            self._add_candidates(worker, rows.cpu().numpy() + i0, t[rows, cols].cpu().numpy())
+
+    def _add_candidates(self, worker: int, rows: np.ndarray, vals: np.ndarray) -> None:
+        """Bucket candidates given as block rows and distances among their row's positives."""
+        pos = np.searchsorted(self.pkeys, _float_keys(rows, vals))
         bucket = np.minimum(pos - rows * self.stride, self.npos[rows])
         self.slots[worker].append(self.seg_start[rows] + bucket)
         self.count[worker] += int(rows.size)

@@ -75,7 +75,9 @@ class StreamingEvaluator:
     range_cap:      widest id range (columns) kept in memory for a query block; wider
                     ranges are computed twice instead (default 2 x g_block)
     matmul_dtype:   None (float32) or torch.bfloat16 for the GEMMs' cross terms
-    tile:           GEMM tile shape (same tile => bitwise-same distances as pven_distance)
+    tile:           GEMM tile shape (same tile => bitwise-same distances as pven_distance);
+                    None: ``DEFAULT_TILE`` on the CPU, ``CUDA_TILE`` on a GPU
+    device:         where the GEMMs run (None: the CPU); see :class:`TiledProvider`
     rerank:         optional :class:`~pipeline.evaluation.rerank.RerankConfig`: rank by
                     k-reciprocal re-ranked distances (still streamed and exact)
     provider:       optional distance provider replacing the tiled kernel
@@ -95,18 +97,22 @@ class StreamingEvaluator:
     def __init__(self, query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec = DistanceSpec(), *,
                  remove_junk: bool = True, max_rank: int = 50, q_block: int = 1024, g_block: int = 8192,
                  range_cap: int | None = None, matmul_dtype: torch.dtype | None = None,
-                 tile: tuple[int, int] = DEFAULT_TILE, rerank: RerankConfig | None = None,
-                 provider: DistanceProvider | None = None, keep_positives: bool = False) -> None:
+                 tile: tuple[int, int] | None = None, rerank: RerankConfig | None = None,
+                 provider: DistanceProvider | None = None, keep_positives: bool = False,
+                 device: torch.device | str | None = None) -> None:
         self.query, self.gallery, self.spec = query, gallery, spec
         self.keep_positives = bool(keep_positives)
         self.remove_junk, self.max_rank = bool(remove_junk), int(max_rank)
         if self.max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         if provider is None and rerank is not None:
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"device={device!r}: re-ranking runs on the CPU only")
             provider = RerankProvider(query, gallery, spec, rerank, q_block=q_block, g_block=g_block,
-                                      matmul_dtype=matmul_dtype, tile=tile)
+                                      matmul_dtype=matmul_dtype, tile=tile or DEFAULT_TILE)
         self.provider: DistanceProvider = provider if provider is not None else TiledProvider(
-            query, gallery, spec, q_block=q_block, g_block=g_block, matmul_dtype=matmul_dtype, tile=tile)
+            query, gallery, spec, q_block=q_block, g_block=g_block, matmul_dtype=matmul_dtype, tile=tile,
+            device=device)
         self.q_block, self.g_block = self.provider.q_block, self.provider.g_block
         self.tn = self.provider.tn
         self.range_cap = int(range_cap) if range_cap is not None else 2 * self.g_block
@@ -236,7 +242,7 @@ class StreamingEvaluator:
             sel = (p_pos >= s) & (p_pos < e)
             r, c = torch.from_numpy(p_row[sel]), torch.from_numpy(p_pos[sel] - s)
             pos_rows.append(r)
-            pos_vals.append(d[r, c])
+            pos_vals.append(d[r.to(d.device), c.to(d.device)].cpu())
             if self.keep_positives:                 # original gallery indices
                 pos_cols.append(torch.from_numpy(self._g_perm[p_pos[sel]]))
             if keep:

@@ -10,7 +10,7 @@ from pipeline.constants import NUM_PARTS
 from pipeline.threads import kernel_threads
 
 from .features import FeatureSet
-from .kernel import DEFAULT_TILE, BlockKernel, Chunk, PreparedSet, check_tile, round_up
+from .kernel import CUDA_TILE, DEFAULT_TILE, BlockKernel, Chunk, PreparedSet, check_tile, round_up
 from .metrics import BlockRanker, TileCounter
 from .spec import DistanceSpec
 
@@ -24,11 +24,21 @@ class TiledProvider:
     Counting is fused: :meth:`count` filters each tile on the kernel worker that
     computed it. ``cache_bytes``: the gallery's GEMM layout is built once if it fits
     (else per chunk, twice per row).
+
+    ``device``: where the GEMMs run. Per-set constants are always computed on the CPU
+    (reproducible norms); on CUDA the laid-out chunks are copied there, tiles are
+    ``CUDA_TILE`` unless ``tile`` is given, and only each tile's candidate negatives
+    come back to the CPU for counting. GPU GEMMs round differently from the CPU's, so
+    metrics agree with a CPU run to float precision, not bitwise.
     """
 
     def __init__(self, query: FeatureSet, gallery: FeatureSet, spec: DistanceSpec, *, q_block: int,
                  g_block: int, matmul_dtype: torch.dtype | None = None,
-                 tile: tuple[int, int] = DEFAULT_TILE, cache_bytes: int = 3 << 29) -> None:
+                 tile: tuple[int, int] | None = None, cache_bytes: int = 3 << 29,
+                 device: torch.device | str | None = None) -> None:
+        self.device = _resolve(device)
+        if tile is None:
+            tile = CUDA_TILE if self.device.type == "cuda" else DEFAULT_TILE
         self.spec, self.tile, self.bf16 = spec, tuple(tile), matmul_dtype == torch.bfloat16
         self.cache_bytes = int(cache_bytes)
         self._cache: Chunk | None = None
@@ -52,9 +62,9 @@ class TiledProvider:
     def start(self) -> None:
         self._threads = kernel_threads()
         workers = self._threads.__enter__()
-        self.kernel = BlockKernel(self.spec, self.tile, bf16=self.bf16, workers=workers)
+        self.kernel = BlockKernel(self.spec, self.tile, bf16=self.bf16, workers=workers, device=self.device)
         self._buf = torch.empty(min(self.q_block, round_up(max(self.qs.n, 1), self.tm))
-                                * min(self.g_block, round_up(max(self.gs.n, 1), self.tn)))
+                                * min(self.g_block, round_up(max(self.gs.n, 1), self.tn)), device=self.device)
 
     def close(self) -> None:
         if self.kernel is not None:
@@ -70,7 +80,7 @@ class TiledProvider:
         n = int(rows.numel())
         if n > self.q_block:
             raise ValueError(f"{n} queries exceed q_block={self.q_block}")
-        return self.qs.chunk(rows, "query", round_up(n, self.tm), pool=self.kernel.pool())
+        return self.qs.chunk(rows, "query", round_up(n, self.tm), pool=self.kernel.pool()).to(self.device)
 
     def set_gallery_order(self, perm: np.ndarray) -> None:
         """Gallery rows will be requested by position in ``perm`` order (the evaluator's id order).
@@ -83,7 +93,7 @@ class TiledProvider:
         self._cache = None
         if self.gs.layout_bytes(round_up(self.gs.n, self.tn)) <= self.cache_bytes:
             self._cache = self.gs.chunk(self._index(0, self.gs.n), "gallery",
-                                        round_up(self.gs.n, self.tn), pool=self.kernel.pool())
+                                        round_up(self.gs.n, self.tn), pool=self.kernel.pool()).to(self.device)
 
     def _index(self, s: int, e: int) -> torch.Tensor | slice:
         return slice(s, e) if self._identity else self._perm[s:e]
@@ -94,7 +104,8 @@ class TiledProvider:
             sub = self._cache.rows(s, round_up(e, self.tn))
             sub.n = e - s
             return sub
-        return self.gs.chunk(self._index(s, e), "gallery", round_up(e - s, self.tn), pool=self.kernel.pool())
+        return self.gs.chunk(self._index(s, e), "gallery", round_up(e - s, self.tn),
+                             pool=self.kernel.pool()).to(self.device)
 
     def count(self, q: Chunk, g: Chunk, c0: int, c1: int, ranker: BlockRanker,
               q_codes: np.ndarray | None = None, g_codes: np.ndarray | None = None) -> None:
@@ -105,7 +116,7 @@ class TiledProvider:
         With codes, same-code entries (positives, junk) are left out.
         """
         sub = g.rows(c0, round_up(c1, self.tn))
-        counter = TileCounter(ranker, self.kernel.workers, c1 - c0, q_codes, g_codes)
+        counter = TileCounter(ranker, self.kernel.workers, c1 - c0, q_codes, g_codes, self.device)
         self.kernel.block(q, sub, None, counter)
         self.flops += self.flops_per_pair * q.n_pad * sub.n_pad
         counter.flush()
@@ -114,7 +125,7 @@ class TiledProvider:
     def count_stored(self, d: torch.Tensor, ranker: BlockRanker, q_codes: np.ndarray,
                      g_codes: np.ndarray) -> None:
         """Count the negatives of a stored distance block ``d`` (n, w), tile by tile on the workers."""
-        counter = TileCounter(ranker, self.kernel.workers, d.shape[1], q_codes, g_codes)
+        counter = TileCounter(ranker, self.kernel.workers, d.shape[1], q_codes, g_codes, self.device)
         tiles = [(i0, j0) for j0 in range(0, d.shape[1], self.tn) for i0 in range(0, d.shape[0], self.tm)]
 
         def work(w: int) -> None:
@@ -144,6 +155,19 @@ class TiledProvider:
 
     def range_buffer(self, q: Chunk, width: int) -> torch.Tensor:
         """A fresh buffer for ``distances(out=...)`` of ``width`` gallery rows."""
-        return torch.empty(q.n_pad * round_up(width, self.tn))
+        return torch.empty(q.n_pad * round_up(width, self.tn), device=self.device)
+
+
+def _resolve(device: torch.device | str | None) -> torch.device:
+    """``device`` with its index (``cuda`` -> ``cuda:<current>``), so that devices compare equal."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ValueError(f"device={str(device)!r}: expected cpu or cuda")
+    return device
 
 
