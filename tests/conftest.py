@@ -118,6 +118,21 @@ class LoopbackNetwork:
         self.holder.wait()
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests are skipped, with the reason, where torch sees no CUDA device (torch is imported
+    only when such a test was collected)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"gpu: needs a CUDA device; torch {torch.__version__} sees none "
+                                   f"(torch.cuda.is_available() is False)")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI (``CI=true``) a skipped ``slurm`` test fails: CI installs Slurm, so a skip means it broke."""
