@@ -6,8 +6,8 @@ one pass, with the same float operations in the same order (so the same bits; pi
 ``tests/test_evaluation_native.py``) and the same integer counts.
 
 Build: ``$CC`` (default ``cc``) with ``-O3 -ffp-contract=off -fno-math-errno -fno-trapping-math``
-(neither changes a result in the default floating-point environment; they let GCC vectorise) (+ ``-mavx2
--mfma`` where the CPU has both), into ``$PVEN_NATIVE_CACHE`` (default
+(+ ``-mavx2 -mfma`` where the CPU has both; the last two ``-f`` flags change no result in the
+default floating-point environment, they only let GCC vectorise), into ``$PVEN_NATIVE_CACHE`` (default
 ``$TORCH_EXTENSIONS_DIR/pven_native`` or ``~/.cache/pven-pipeline/native``), named by the
 hash of source, compiler, flags and machine, so nodes of a cluster sharing the cache
 never load a library built for another CPU. It is compiled to a temporary name and
