@@ -43,12 +43,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import publish  # noqa: E402
-from pipeline.constants import NUM_PARTS  # noqa: E402
+from pipeline.constants import NUM_PARTS, VARIANTS  # noqa: E402
 from pipeline.evaluation import native  # noqa: E402
 from pipeline.evaluation.features import FeatureSet  # noqa: E402
 from pipeline.evaluation.kernel import DEFAULT_TILE, BlockKernel  # noqa: E402
 from pipeline.evaluation.metrics import RankMetrics, rank_metrics  # noqa: E402
-from pipeline.evaluation.spec import DistanceSpec  # noqa: E402
+from pipeline.evaluation.spec import MODES, DistanceSpec  # noqa: E402
 from pipeline.evaluation.streaming import StreamingEvaluator  # noqa: E402
 from pipeline.evaluation.tiled import TiledProvider  # noqa: E402
 from pipeline.threads import kernel_threads  # noqa: E402
@@ -419,7 +419,7 @@ def bench_size(name: str, args: argparse.Namespace) -> list[str]:
 
 # --------------------------------------------------------------------------- the GEMM limit
 
-MODE_VARIANTS = [(m, v) for v in ("paper", "official") for m in ("global", "local", "pven")]
+MODE_VARIANTS = [(m, v) for v in VARIANTS for m in MODES]
 
 
 def machine_peak(device: str, reps: int = 3) -> float:
@@ -507,8 +507,7 @@ def limit_rows(name: str, q: FeatureSet, g: FeatureSet, args: argparse.Namespace
     rows = []
     nq = len(q)
     check_q = q.subset(slice(0, min(nq, args.check_queries)))
-    for mode, variant in MODE_VARIANTS if args.modes == "all" else [tuple(x.split(":")) for x in
-                                                                    args.modes.split(",")]:
+    for mode, variant in args.mode_variants:
         spec = DistanceSpec(mode=mode, variant=variant)
         kw = dict(q_block=args.q_block, g_block=args.g_block, device=args.device)
         m, st = run_ours(q, g, spec, **kw)
@@ -517,12 +516,16 @@ def limit_rows(name: str, q: FeatureSet, g: FeatureSet, args: argparse.Namespace
         same = "n/a (GPU)"
         if args.device == "cpu":    # the compiled loops against the pure-torch path, same queries
             fast = StreamingEvaluator(check_q, g, spec, **kw).run()
+            before = os.environ.get("PVEN_NATIVE")
             os.environ["PVEN_NATIVE"] = "0"
             native._load.cache_clear()
             try:
                 ref = StreamingEvaluator(check_q, g, spec, **kw).run()
             finally:
-                os.environ["PVEN_NATIVE"] = "1"
+                if before is None:
+                    del os.environ["PVEN_NATIVE"]
+                else:
+                    os.environ["PVEN_NATIVE"] = before
                 native._load.cache_clear()
             same = f"{fast.same_as(ref)} ({len(check_q):,} q)"
         total = st["seconds_total"]
@@ -589,6 +592,14 @@ def main(argv: list[str] | None = None) -> None:
     sections = {x.strip() for x in args.sections.split(",")}
     if not sections <= {"baseline", "limit"}:
         ap.error(f"--sections {args.sections!r}: expected baseline and/or limit")
+    if args.device == "cuda" and "baseline" in sections:
+        ap.error("--device cuda: the baseline section runs on the CPU only; add --sections limit")
+    args.mode_variants = MODE_VARIANTS if args.modes == "all" else [tuple(x.strip().split(":"))
+                                                                    for x in args.modes.split(",")]
+    bad = [":".join(x) for x in args.mode_variants if x not in MODE_VARIANTS]
+    if bad:
+        ap.error(f"--modes {args.modes!r}: {', '.join(bad)} is not mode:variant with mode in {MODES} "
+                 f"and variant in {VARIANTS}")
     lines = ["# Evaluation benchmark: streaming exact metrics vs dense argsort", "",
              f"Command: `python benchmarks/evaluation.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "

@@ -380,28 +380,28 @@ class TileCounter:
             raise ValueError(f"TileCounter needs float32 distances, got {ranker.u.dtype}")
         self.r = ranker
         self.width = int(width)
-        self.q_codes, self.g_codes = q_codes, g_codes
+        self.q_codes = None if q_codes is None else np.ascontiguousarray(q_codes, dtype=np.int64)
+        self.g_codes = None if g_codes is None else np.ascontiguousarray(g_codes, dtype=np.int64)
         self.ppad = ranker._padded_positives()      # built here, not lazily in worker threads
+        self.ppad_np = self.ppad.numpy()             # C-contiguous (n, stride)
         self.stride = self.ppad.shape[1]
-        rows = np.repeat(np.arange(ranker.n), self.stride)
-        self.pkeys = _float_keys(rows, self.ppad.numpy().reshape(-1))   # row-major, sorted
         self.npos = ranker.npos.cpu().numpy()
         self.seg_start = ranker.seg_start.cpu().numpy()
         self.hist = [np.zeros(ranker.keys.numel(), dtype=np.int64) for _ in range(workers)]
         self.slots: list[list[np.ndarray]] = [[] for _ in range(workers)]   # counted at flush
         self.count = [0] * workers
         self.seconds = [0.0] * workers    # time spent counting, per worker (for reports)
-        self.native = native.available()  # native.c counts in one pass; the same counts as _count
         self.device = torch.device(device)
-        if self.device.type != "cpu":         # tiles arrive on the GPU: filter there (see _count_device)
-            self.native = False
+        # CPU tiles: native.c counts in one pass (the same counts as the numpy path below);
+        # GPU tiles: candidates are filtered there (_count_device)
+        self.native = self.device.type == "cpu" and native.available()
+        if self.device.type != "cpu":
             self.pmax_dev = ranker.pmax.to(self.device)
-            self.q_dev = None if q_codes is None else torch.from_numpy(np.asarray(q_codes, np.int64)).to(self.device)
-            self.g_dev = None if g_codes is None else torch.from_numpy(np.asarray(g_codes, np.int64)).to(self.device)
-        if self.native:
-            self.ppad_np = np.ascontiguousarray(self.ppad.numpy())
-            self.q_codes = None if q_codes is None else np.ascontiguousarray(q_codes, dtype=np.int64)
-            self.g_codes = None if g_codes is None else np.ascontiguousarray(g_codes, dtype=np.int64)
+            self.q_dev = None if q_codes is None else torch.from_numpy(self.q_codes).to(self.device)
+            self.g_dev = None if g_codes is None else torch.from_numpy(self.g_codes).to(self.device)
+        if not self.native:                # (row, value) keys of the positives, for np.searchsorted
+            rows = np.repeat(np.arange(ranker.n), self.stride)
+            self.pkeys = _float_keys(rows, self.ppad_np.reshape(-1))   # row-major, sorted
 
     def __call__(self, worker: int, i0: int, j0: int, tile: torch.Tensor) -> None:
         t0 = time.perf_counter()

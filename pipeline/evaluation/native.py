@@ -81,15 +81,15 @@ def build() -> Path:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise NativeError(f"no C compiler: {cc!r} is not on PATH (set CC, or PVEN_NATIVE=0 for the torch path)")
-    flags = list(_BASE_FLAGS)
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+    flags, cpu = list(_BASE_FLAGS), _cpu_flags()
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeError(f"{cc} --version failed: {e}") from None
     key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, " ".join(flags), platform.machine(),
-                                    " ".join(sorted(_cpu_flags()))]).encode()).hexdigest()[:16]
+                                    " ".join(sorted(cpu))]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"pven_native_{key}.so"
     if out.exists():
         return out
